@@ -1,0 +1,82 @@
+"""Checkpoints with orbax: the last few epochs plus the best by validation error.
+
+A checkpoint holds the training state (params, optimiser state, step) and a JSON record
+(epoch, config, metrics). Orbax writes each step into a temporary folder and renames it
+when complete, so a killed run never leaves a partial step that loads as valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_METRIC = "val_error"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not fit the requested run."""
+
+
+def _best_key(metrics: dict[str, Any]) -> float:
+    return -float(metrics[BEST_METRIC])
+
+
+def manager(directory: Path | str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    """A CheckpointManager keeping the ``keep`` latest steps and the best by val_error."""
+    directory = Path(directory).absolute()
+    if not create and not directory.is_dir():
+        raise CheckpointError(f"{directory}: no checkpoint folder there")
+    policy = policies.AnyPreservationPolicy(
+        [policies.LatestN(n=keep), policies.BestN(get_metric_fn=_best_key, n=1, keep_checkpoints_without_metrics=False)]
+    )
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=create, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "record"))
+
+
+def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, record: dict[str, Any]) -> None:
+    """Save after ``epoch`` (the step number is the epoch). ``record`` must be JSON-able;
+    its "metrics" entry, if it has val_error, ranks the checkpoint for "best"."""
+    metrics = record.get("metrics", {})
+    ranked = {BEST_METRIC: metrics[BEST_METRIC]} if metrics.get(BEST_METRIC) is not None else None
+    mngr.save(
+        epoch,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
+        metrics=ranked,
+    )
+    mngr.wait_until_finished()
+
+
+def best_step(mngr: ocp.CheckpointManager) -> int | None:
+    """The kept step with the lowest validation error, or None if none has one."""
+    ranked = [(m[BEST_METRIC], s) for s in mngr.all_steps() if (m := mngr.metrics(s)) and BEST_METRIC in m]
+    return min(ranked)[1] if ranked else None
+
+
+def choose_step(mngr: ocp.CheckpointManager, which: str = "best") -> int:
+    """"latest", "best" (falls back to latest when no step has a validation error) or a number."""
+    if which == "latest" or which == "best":
+        step = (best_step(mngr) if which == "best" else None) or mngr.latest_step()
+    else:
+        step = int(which)
+        if step not in mngr.all_steps():
+            raise CheckpointError(f"{mngr.directory}: no step {step} (have {list(mngr.all_steps())})")
+    if step is None:
+        raise CheckpointError(f"{mngr.directory}: holds no checkpoint")
+    return step
+
+
+def read_record(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The JSON record of ``step`` alone (no arrays loaded)."""
+    return mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    """The state of ``step``, shaped like ``target`` (a state of the same config), and its record."""
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()),
+    )
+    return restored["state"], restored["record"]

@@ -1,0 +1,180 @@
+"""The building blocks of LeNet-5, one small Flax module per paper component.
+
+Section II-B of LeCun et al. (1998) and appendix A. All layers work on NHWC arrays with
+any number of leading batch dimensions folded into one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lenet_jax.bitmaps import RBF_CENTRES
+
+AMPLITUDE = 1.7159
+"""A in the squashing function f(a) = A tanh(S a) (appendix A)."""
+
+SLOPE = 2.0 / 3.0
+"""S in the squashing function f(a) = A tanh(S a) (appendix A)."""
+
+INIT_SCALE = 2.4
+"""Weights start uniform in [-2.4 / F, 2.4 / F], F the fan-in of the unit (appendix C)."""
+
+C3_TABLE: tuple[tuple[int, ...], ...] = (
+    (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (4, 5, 0), (5, 0, 1),
+    (0, 1, 2, 3), (1, 2, 3, 4), (2, 3, 4, 5), (3, 4, 5, 0), (4, 5, 0, 1), (5, 0, 1, 2),
+    (0, 1, 3, 4), (1, 2, 4, 5), (0, 2, 3, 5),
+    (0, 1, 2, 3, 4, 5),
+)
+"""Table I of the paper: the S2 maps read by each of the 16 C3 maps (60 connections)."""
+
+
+def connection_mask(table: Sequence[Sequence[int]], n_inputs: int) -> np.ndarray:
+    """A 0/1 float32 mask of shape (n_inputs, n_outputs): mask[i, k] = 1 iff map k reads map i."""
+    mask = np.zeros((n_inputs, len(table)), np.float32)
+    for k, inputs in enumerate(table):
+        if not inputs or min(inputs) < 0 or max(inputs) >= n_inputs:
+            raise ValueError(f"connection table row {k} = {inputs!r} is not a non-empty subset of 0..{n_inputs - 1}")
+        mask[list(inputs), k] = 1.0
+    return mask
+
+
+def fan_in_uniform(fan_in: np.ndarray | float, exponent: float = 1.0) -> nn.initializers.Initializer:
+    """Initialiser drawing uniformly from [-2.4 / F^exponent, 2.4 / F^exponent]; F (the
+    fan-in) may vary along the last axis. exponent 1 is the paper's rule."""
+    limit = INIT_SCALE / np.asarray(fan_in, np.float32) ** exponent
+
+    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -1.0, 1.0) * jnp.asarray(limit, dtype)
+
+    return init
+
+
+def squash_slope_from_output(x: jax.Array, amplitude: float = AMPLITUDE, slope: float = SLOPE) -> jax.Array:
+    """f'(a) written in terms of x = f(a): S (A - x^2 / A). Used by the curvature pass."""
+    return slope * (amplitude - x * x / amplitude)
+
+
+class ScaledTanh(nn.Module):
+    """The squashing function f(a) = A tanh(S a), A = 1.7159, S = 2/3 (appendix A)."""
+
+    amplitude: float = AMPLITUDE
+    slope: float = SLOPE
+
+    def __call__(self, a: jax.Array) -> jax.Array:
+        return self.amplitude * jnp.tanh(self.slope * a)
+
+
+class TrainableSubsampling(nn.Module):
+    """S2 and S4: each non-overlapping window summed, times a trainable coefficient, plus a
+    trainable bias, one pair per feature map (section II-B). Squashing is applied outside."""
+
+    window: int = 2
+    init_exponent: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        *lead, h, w, c = x.shape
+        k = self.window
+        if h % k or w % k:
+            raise ValueError(f"subsampling window {k} does not tile a {h}x{w} map")
+        init = fan_in_uniform(k * k, self.init_exponent)
+        coefficient = self.param("coefficient", init, (c,))
+        bias = self.param("bias", init, (c,))
+        sums = x.reshape(*lead, h // k, k, w // k, k, c).sum(axis=(-4, -2))
+        return sums * coefficient + bias
+
+
+class MaskedConv(nn.Module):
+    """A 'VALID' convolution with stride 1 whose kernel is multiplied by a fixed 0/1
+    connection mask (C3's table I). ``table=None`` connects every input map to every
+    output map: that is C1 and C5. Masked kernel entries start at zero, receive zero
+    gradient and are not counted as parameters; the fan-in of each output map counts
+    only the connections its table row allows (75, 100 or 150 in C3)."""
+
+    features: int
+    kernel_size: int = 5
+    table: tuple[tuple[int, ...], ...] | None = None
+    init_exponent: float = 1.0
+    impl: str = "xla"
+
+    def mask(self, n_inputs: int) -> np.ndarray:
+        """The (n_inputs, features) connection mask."""
+        if self.table is None:
+            return np.ones((n_inputs, self.features), np.float32)
+        if len(self.table) != self.features:
+            raise ValueError(f"connection table has {len(self.table)} rows for {self.features} maps")
+        return connection_mask(self.table, n_inputs)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        mask = self.mask(x.shape[-1])
+        fan_in = k * k * mask.sum(axis=0)
+        weight_init = fan_in_uniform(fan_in, self.init_exponent)
+
+        def kernel_init(key, shape, dtype=jnp.float32):
+            return weight_init(key, shape, dtype) * mask
+
+        kernel = self.param("kernel", kernel_init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", fan_in_uniform(fan_in, self.init_exponent), (self.features,))
+        return valid_conv(x, kernel * mask, self.impl) + bias
+
+
+CONV_IMPLS = ("xla", "patches")
+
+
+def valid_conv(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
+    """'VALID' stride-1 convolution of (..., H, W, C) by an HWIO kernel.
+
+    "xla": ``lax.conv_general_dilated``. "patches": the k*k shifted windows concatenated
+    along channels, then one matrix product; same function, but its gradient is made of
+    slices, pads and matrix products, which XLA's CPU backend runs much faster inside a
+    ``lax.scan`` than the backward convolutions autodiff would generate.
+    """
+    k, _, c, f = kernel.shape
+    lead, (h, w) = x.shape[:-3], x.shape[-3:-1]
+    if impl == "patches":
+        ho, wo = h - k + 1, w - k + 1
+        if ho == 1 and wo == 1:  # C5: the whole input is one window
+            return (x.reshape(lead + (1, 1, k * k * c)) @ kernel.reshape(k * k * c, f))
+        windows = [x[..., i : i + ho, j : j + wo, :] for i in range(k) for j in range(k)]
+        return jnp.concatenate(windows, axis=-1) @ kernel.reshape(k * k * c, f)
+    if impl != "xla":
+        raise ValueError(f"unknown convolution implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")
+    y = jax.lax.conv_general_dilated(
+        x.reshape((-1, h, w, c)), kernel, window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return y.reshape(lead + y.shape[1:])
+
+
+class FullConnection(nn.Module):
+    """F6 (and the softmax head): a dense layer with the paper's fan-in initialisation."""
+
+    features: int
+    init_exponent: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = fan_in_uniform(x.shape[-1], self.init_exponent)
+        kernel = self.param("kernel", init, (x.shape[-1], self.features))
+        bias = self.param("bias", init, (self.features,))
+        return x @ kernel + bias
+
+
+class EuclideanRBF(nn.Module):
+    """The output layer: y_i = sum_j (x_j - w_ij)^2 with fixed +-1 centres (section II-B).
+
+    The centres are constants (the 7x12 digit bitmaps of ``lenet_jax.bitmaps``), not
+    parameters, so no optimiser can move them. The output is a penalty: lower is better.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        centres = jnp.asarray(RBF_CENTRES, x.dtype)
+        if x.shape[-1] != centres.shape[-1]:
+            raise ValueError(f"the RBF layer needs {centres.shape[-1]} inputs, got {x.shape[-1]}")
+        return jnp.sum(jnp.square(x[..., None, :] - centres), axis=-1)

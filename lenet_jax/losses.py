@@ -1,0 +1,99 @@
+"""Loss functions (section II-C and appendix B) and the curvature of each at the network's output.
+
+``Objective`` bundles the head (RBF or softmax), the criterion (MAP, MSE, cross-entropy)
+and the MAP constant j. Every function is per sample: the caller takes the mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from lenet_jax.bitmaps import RBF_CENTRES
+
+LOSSES = ("map", "mse", "xent")
+
+DEFAULT_J = 5.0
+"""The MAP criterion's constant j (not given in the paper; this project's default)."""
+
+
+def map_loss(penalties: jax.Array, labels: jax.Array, j: float = DEFAULT_J) -> jax.Array:
+    """E = y_correct + log(exp(-j) + sum_i exp(-y_i)) per sample (appendix B, eq. 9),
+    the log-sum-exp taken stably so that huge penalties stay finite."""
+    y_correct = jnp.take_along_axis(penalties, labels[..., None], axis=-1)[..., 0]
+    rubbish = jnp.full(penalties.shape[:-1] + (1,), -j, penalties.dtype)
+    return y_correct + jax.nn.logsumexp(jnp.concatenate([-penalties, rubbish], axis=-1), axis=-1)
+
+
+def mse_loss(penalties: jax.Array, labels: jax.Array) -> jax.Array:
+    """E = y_correct per sample (section II-C): pulls F6 towards the right bitmap only."""
+    return jnp.take_along_axis(penalties, labels[..., None], axis=-1)[..., 0]
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """-log softmax(logits)[label] per sample, for the modern softmax head."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)[..., 0]
+
+
+def _softmax_factor(p: jax.Array) -> jax.Array:
+    """Rows sqrt(p_k) (e_k - p): their Gram matrix is diag(p) - p p^T (softmax Hessian)."""
+    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+    return jnp.sqrt(p)[..., :, None] * (eye - p[..., None, :])
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What is minimised: ``head`` in {"rbf", "softmax"}, ``loss`` in {"map", "mse"} for
+    the RBF head or "xent" for the softmax head, and the MAP constant ``j``."""
+
+    head: str = "rbf"
+    loss: str = "map"
+    j: float = DEFAULT_J
+
+    def __post_init__(self) -> None:
+        allowed = {"rbf": ("map", "mse"), "softmax": ("xent",)}
+        if self.head not in allowed:
+            raise ValueError(f"unknown head {self.head!r}; choose from rbf, softmax")
+        if self.loss not in allowed[self.head]:
+            raise ValueError(f"the {self.head} head takes loss {' or '.join(allowed[self.head])}, not {self.loss!r}")
+        if self.loss == "map" and not self.j > 0:
+            raise ValueError(f"the MAP constant j must be positive, got {self.j}")
+
+    def per_sample(self, scores: jax.Array, labels: jax.Array) -> jax.Array:
+        """The loss of each sample from its scores (RBF penalties or logits)."""
+        if self.loss == "map":
+            return map_loss(scores, labels, self.j)
+        if self.loss == "mse":
+            return mse_loss(scores, labels)
+        return softmax_cross_entropy(scores, labels)
+
+    def predict(self, scores: jax.Array) -> jax.Array:
+        """The predicted class: smallest penalty (RBF) or largest logit (softmax)."""
+        return jnp.argmin(scores, -1) if self.head == "rbf" else jnp.argmax(scores, -1)
+
+    def curvature_factor(self, outputs: jax.Array, label: jax.Array) -> jax.Array:
+        """A matrix C (K x D) with C^T C the Gauss-Newton curvature of one sample's loss
+        w.r.t. the network output (F6 for RBF, logits for softmax), always PSD.
+
+        RBF: the y_correct term has exact curvature 2 per F6 output (rows sqrt(2) e_j).
+        The MAP log-sum-exp term contributes its Gauss-Newton part J^T H J, J the
+        Jacobian of the 10 penalties w.r.t. F6 and H the Hessian of the log-sum-exp
+        w.r.t. the penalties (PSD: a softmax over the 10 classes and the j slot); its
+        negative part, sum_i dE/dy_i d2y_i/dx^2, is dropped.
+        Softmax: the exact Hessian of cross-entropy w.r.t. the logits.
+        """
+        if self.head == "softmax":
+            return _softmax_factor(jax.nn.softmax(outputs))
+        dim = outputs.shape[-1]
+        quadratic = jnp.sqrt(2.0) * jnp.eye(dim, dtype=outputs.dtype)
+        if self.loss == "mse":
+            return quadratic
+        centres = jnp.asarray(RBF_CENTRES, outputs.dtype)
+        diff = outputs[None, :] - centres
+        penalties = jnp.sum(diff * diff, -1)
+        p = jax.nn.softmax(jnp.concatenate([-penalties, jnp.array([-self.j], outputs.dtype)]))
+        factor = _softmax_factor(p)[:, :10]
+        jac = 2.0 * diff
+        return jnp.concatenate([quadratic, factor @ jac], axis=0)

@@ -1,0 +1,308 @@
+"""Training and evaluation: pure, compiled functions over data that lives on the device.
+
+An epoch is a few calls of one jitted ``lax.scan`` over shuffled index batches (the
+chunks only exist to drive a progress bar); nothing runs in Python per step, so batch
+size 1 (the paper's pure stochastic updates) is as cheap as the arithmetic allows.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training.train_state import TrainState
+
+from lenet_jax import checkpoint as ckpt
+from lenet_jax import hessian
+from lenet_jax.config import STRUCTURAL, Config
+from lenet_jax.data import Dataset, preprocess, split_validation
+from lenet_jax.losses import Objective
+from lenet_jax.model import LeNet5, count_parameters, init_params
+from lenet_jax.sdlm import paper_schedule, sdlm, set_hessian, uses_curvature
+
+Metrics = dict[str, jax.Array]
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+    lr = config.learning_rate
+    if config.schedule == "paper":
+        return paper_schedule(steps_per_epoch, lr)
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, config.epochs * steps_per_epoch)
+    return optax.constant_schedule(lr)
+
+
+def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SDLM (the paper), plain SGD, SGD with momentum or Adam, on the configured schedule."""
+    schedule = make_schedule(config, steps_per_epoch)
+    if config.optimizer == "sdlm":
+        return sdlm(schedule, mu=config.mu)
+    if config.optimizer == "sgd":
+        return optax.sgd(schedule)
+    if config.optimizer == "momentum":
+        return optax.sgd(schedule, momentum=config.momentum)
+    return optax.adam(schedule)
+
+
+def make_model(config: Config) -> LeNet5:
+    """The LeNet5 module ``config`` describes; "auto" convolutions resolve by backend."""
+    impl = config.conv_impl
+    if impl == "auto":
+        impl = "patches" if jax.default_backend() == "cpu" else "xla"
+    return LeNet5(head=config.head, init_exponent=config.init_exponent, conv_impl=impl)
+
+
+def create_state(config: Config, steps_per_epoch: int) -> TrainState:
+    """A fresh TrainState for ``config``, parameters drawn from its seed."""
+    model = make_model(config)
+    params = init_params(model, jax.random.fold_in(jax.random.key(config.seed), 0))
+    return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config, steps_per_epoch))
+
+
+def epoch_key(seed: int, epoch: int, purpose: int) -> jax.Array:
+    """Stateless per-epoch randomness: a run is reproducible and resumable from its seed."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), purpose)
+
+
+# --------------------------------------------------------------------------- pure steps
+
+
+def loss_fn(params: Any, apply_fn: Callable, objective: Objective, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean loss of a batch, and its number of errors (the on-the-fly training error)."""
+    scores = apply_fn({"params": params}, x)
+    errors = jnp.sum(objective.predict(scores) != y)
+    return jnp.mean(objective.per_sample(scores, y)), errors
+
+
+def train_step(state: TrainState, x: jax.Array, y: jax.Array, objective: Objective) -> tuple[TrainState, Metrics]:
+    """One update on a preprocessed batch."""
+    (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.apply_fn, objective, x, y)
+    state = state.apply_gradients(grads=grads)
+    return state, {"loss": loss * y.shape[0], "errors": errors, "finite": jnp.isfinite(loss)}
+
+
+@functools.partial(jax.jit, static_argnames=("objective",), donate_argnames=("state",))
+def train_chunk(
+    state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array, objective: Objective
+) -> tuple[TrainState, Metrics]:
+    """Scan ``train_step`` over rows of ``batches`` (indices into the uint8 ``images``)."""
+
+    def body(carry, idx):
+        state, totals = carry
+        state, m = train_step(state, preprocess(images[idx]), labels[idx], objective)
+        totals = {
+            "loss": totals["loss"] + m["loss"],
+            "errors": totals["errors"] + m["errors"],
+            "finite": totals["finite"] & m["finite"],
+        }
+        return (state, totals), None
+
+    zero = {"loss": jnp.zeros((), jnp.float32), "errors": jnp.zeros((), jnp.int32), "finite": jnp.ones((), bool)}
+    (state, totals), _ = jax.lax.scan(body, (state, zero), batches)
+    return state, totals
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "objective", "batch_size"))
+def evaluate_arrays(
+    params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array, objective: Objective, batch_size: int = 1000
+) -> dict[str, jax.Array]:
+    """Summed loss, error count and predictions over uint8 ``images``, in batches."""
+    n = images.shape[0]
+    nb = -(-n // batch_size)
+    pad = nb * batch_size - n
+    imgs = jnp.pad(images, ((0, pad), (0, 0), (0, 0))).reshape(nb, batch_size, 28, 28)
+    labs = jnp.pad(labels, (0, pad)).reshape(nb, batch_size)
+
+    def one(args):
+        x, y = args
+        scores = apply_fn({"params": params}, preprocess(x))
+        return objective.per_sample(scores, y), objective.predict(scores)
+
+    losses, preds = jax.lax.map(one, (imgs, labs))
+    losses, preds = losses.reshape(-1)[:n], preds.reshape(-1)[:n]
+    return {"loss": jnp.sum(losses), "errors": jnp.sum(preds != labels), "predictions": preds}
+
+
+def evaluate(params: Any, apply_fn: Callable, images: Any, labels: Any, objective: Objective, batch_size: int = 1000) -> dict[str, Any]:
+    """Mean loss, error rate, error count, predictions and confusion matrix (rows: true)."""
+    out = evaluate_arrays(params, apply_fn, jnp.asarray(images), jnp.asarray(labels), objective, min(batch_size, len(labels)))
+    preds = np.asarray(out["predictions"])
+    labels = np.asarray(labels)
+    confusion = np.zeros((10, 10), np.int64)
+    np.add.at(confusion, (labels, preds), 1)
+    n = len(labels)
+    return {
+        "loss": float(out["loss"]) / n,
+        "error": int(out["errors"]) / n,
+        "errors": int(out["errors"]),
+        "n": n,
+        "predictions": preds,
+        "confusion": confusion,
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("estimator", "model", "objective", "probes"))
+def estimate_hessian(
+    params: Any, images: jax.Array, labels: jax.Array, key: jax.Array, estimator: str, model: LeNet5, objective: Objective, probes: int = 8
+) -> Any:
+    """A compiled Hessian-diagonal estimate over uint8 ``images`` (see ``lenet_jax.hessian``)."""
+    return hessian.estimate(estimator, model, objective, params, preprocess(images), labels, key, probes=probes)
+
+
+def refresh_curvature(state: TrainState, images: jax.Array, labels: jax.Array, config: Config, epoch: int) -> TrainState:
+    """Before a pass: average the estimate over ``config.hessian_samples`` random training
+    patterns and hold it fixed in the optimiser state for the pass (appendix C)."""
+    n = labels.shape[0]
+    key = epoch_key(config.seed, epoch, 1)
+    pick = jax.random.choice(key, n, (min(config.hessian_samples, n),), replace=False)
+    h = estimate_hessian(
+        state.params, images[pick], labels[pick], jax.random.fold_in(key, 1),
+        config.hessian_estimator, make_model(config), config.objective, config.hutchinson_probes,
+    )
+    return state.replace(opt_state=set_hessian(state.opt_state, h))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class RunResult:
+    state: TrainState
+    history: list[dict[str, Any]]
+    workdir: Path
+
+
+def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> jax.Array:
+    """The epoch's shuffled index batches, (n // batch_size, batch_size); a remainder
+    smaller than a batch is left out of that epoch (a different one each epoch)."""
+    perm = jax.random.permutation(epoch_key(seed, epoch, 0), n)
+    steps = n // batch_size
+    return perm[: steps * batch_size].reshape(steps, batch_size)
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
+
+
+def fit(
+    config: Config,
+    dataset: Dataset,
+    workdir: Path | str,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> RunResult:
+    """Train ``config`` on ``dataset``: checkpoints, a metrics log (metrics.jsonl) and the
+    config go to ``workdir``. Returns the final state and the per-epoch history."""
+    from tqdm.auto import tqdm
+
+    config.validate()
+    workdir = Path(workdir)
+    train, validation = split_validation(dataset, config.validation_size, config.seed)
+    images, labels = train.train_images, train.train_labels
+    if config.train_subset is not None:
+        images, labels = images[: config.train_subset], labels[: config.train_subset]
+    n = len(labels)
+    if config.batch_size > n:
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the {n} training images")
+    steps = n // config.batch_size
+    state = create_state(config, steps)
+
+    mngr = ckpt.manager(workdir / "checkpoints", keep=config.keep)
+    start = 1
+    history: list[dict[str, Any]] = []
+    if resume and mngr.latest_step() is not None:
+        step = mngr.latest_step()
+        record = ckpt.read_record(mngr, step)
+        saved = Config.from_dict(record["config"])
+        mismatched = [f for f in STRUCTURAL if getattr(saved, f) != getattr(config, f)]
+        if mismatched:
+            raise ckpt.CheckpointError(
+                f"{workdir}: cannot resume, the checkpoint was written with different "
+                + ", ".join(f"{f} ({getattr(saved, f)!r} there, {getattr(config, f)!r} here)" for f in mismatched)
+            )
+        state, record = ckpt.restore(mngr, step, state)
+        history = record.get("history", [])
+        start = step + 1
+        log(f"resumed from {workdir / 'checkpoints'} at epoch {step}")
+    elif not resume and mngr.latest_step() is not None:
+        raise ckpt.CheckpointError(f"{workdir} already holds checkpoints: pass --resume to continue it or choose another --workdir")
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    d_images, d_labels = jax.device_put(images), jax.device_put(labels)
+    objective = config.objective
+    log(
+        f"training LeNet-5 ({config.head} head, {config.loss} loss, {count_parameters(state.params):,} parameters) "
+        f"with {config.optimizer} on {n:,} {config.dataset} images, batch {config.batch_size}, "
+        f"{config.epochs} epochs, on {jax.devices()[0].platform}"
+    )
+    chunk_len = math.ceil(steps / min(config.chunks, steps))
+    for epoch in range(start, config.epochs + 1):
+        t0 = time.perf_counter()
+        if uses_curvature(state.opt_state):
+            state = refresh_curvature(state, d_images, d_labels, config, epoch)
+        batches = epoch_batches(config.seed, epoch, n, config.batch_size)
+        totals = {"loss": 0.0, "errors": 0, "finite": True}
+        bar = tqdm(total=steps * config.batch_size, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress, leave=False)
+        for c in range(0, steps, chunk_len):
+            chunk = batches[c : c + chunk_len]
+            state, m = train_chunk(state, d_images, d_labels, chunk, objective)
+            m = jax.device_get(m)
+            totals = {"loss": totals["loss"] + float(m["loss"]), "errors": totals["errors"] + int(m["errors"]), "finite": totals["finite"] and bool(m["finite"])}
+            bar.update(chunk.shape[0] * config.batch_size)
+        bar.close()
+        if not totals["finite"]:
+            raise FloatingPointError(f"the loss became NaN or infinite during epoch {epoch}; the last good checkpoint is epoch {mngr.latest_step()}")
+        train_seconds = time.perf_counter() - t0
+        seen = steps * config.batch_size
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": totals["loss"] / seen,
+            "train_error": totals["errors"] / seen,
+            "seconds": train_seconds,
+        }
+        if validation is not None:
+            v = evaluate(state.params, state.apply_fn, *validation, objective, config.eval_batch_size)
+            row.update(val_loss=v["loss"], val_error=v["error"])
+        t = evaluate(state.params, state.apply_fn, dataset.test_images, dataset.test_labels, objective, config.eval_batch_size)
+        row.update(test_loss=t["loss"], test_error=t["error"])
+        history.append(row)
+        with open(workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        ckpt.save(mngr, epoch, state, {"epoch": epoch, "config": config.to_dict(), "metrics": row, "history": history})
+        val = f"  val {row['val_error']:.2%}" if validation is not None else ""
+        log(
+            f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_error']:.2%}{val}"
+            f"  test {row['test_error']:.2%}  {train_seconds:.1f}s"
+        )
+    mngr.close()
+    return RunResult(state=state, history=history, workdir=workdir)
+
+
+def checkpoint_dir(path: Path | str) -> Path:
+    """Accept a run's workdir or its checkpoints folder."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def restore_run(path: Path | str, which: str = "best") -> tuple[TrainState, Config, dict[str, Any]]:
+    """The state, config and record of a saved epoch ("best", "latest" or a number)."""
+    mngr = ckpt.manager(checkpoint_dir(path), create=False)
+    step = ckpt.choose_step(mngr, which)
+    config = Config.from_dict(ckpt.read_record(mngr, step)["config"])
+    state, record = ckpt.restore(mngr, step, create_state(config, 1))
+    mngr.close()
+    return state, config, record
