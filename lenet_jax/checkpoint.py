@@ -24,15 +24,21 @@ def _best_key(metrics: dict[str, Any]) -> float:
     return -float(metrics[BEST_METRIC])
 
 
-def manager(directory: Path | str, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-    """A CheckpointManager keeping the ``keep`` latest steps and the best by val_error."""
+def manager(directory: Path | str, keep: int = 3, create: bool = True, track_best: bool = False) -> ocp.CheckpointManager:
+    """A CheckpointManager keeping the ``keep`` latest steps, and with ``track_best`` also
+    the best by val_error."""
     directory = Path(directory).absolute()
     if not create and not directory.is_dir():
         raise CheckpointError(f"{directory}: no checkpoint folder there")
-    policy = policies.AnyPreservationPolicy(
-        [policies.LatestN(n=keep), policies.BestN(get_metric_fn=_best_key, n=1, keep_checkpoints_without_metrics=False)]
+    policy = [policies.LatestN(n=keep)]
+    if track_best:
+        policy.append(policies.BestN(get_metric_fn=_best_key, n=1, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(policy),
+        best_fn=_best_key if track_best else None,  # orbax then stores the metrics, so BestN survives a restart
+        create=create,
+        enable_async_checkpointing=False,
     )
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=create, enable_async_checkpointing=False)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "record"))
 
 
@@ -51,7 +57,11 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, record: dict[str, 
 
 def best_step(mngr: ocp.CheckpointManager) -> int | None:
     """The kept step with the lowest validation error, or None if none has one."""
-    ranked = [(m[BEST_METRIC], s) for s in mngr.all_steps() if (m := mngr.metrics(s)) and BEST_METRIC in m]
+    ranked = []
+    for step in mngr.all_steps():
+        value = read_record(mngr, step).get("metrics", {}).get(BEST_METRIC)
+        if value is not None:
+            ranked.append((value, step))
     return min(ranked)[1] if ranked else None
 
 

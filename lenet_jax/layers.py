@@ -43,10 +43,10 @@ def connection_mask(table: Sequence[Sequence[int]], n_inputs: int) -> np.ndarray
     return mask
 
 
-def fan_in_uniform(fan_in: np.ndarray | float, exponent: float = 1.0) -> nn.initializers.Initializer:
-    """Initialiser drawing uniformly from [-2.4 / F^exponent, 2.4 / F^exponent]; F (the
-    fan-in) may vary along the last axis. exponent 1 is the paper's rule."""
-    limit = INIT_SCALE / np.asarray(fan_in, np.float32) ** exponent
+def fan_in_uniform(fan_in: np.ndarray | float, exponent: float = 1.0, scale: float = INIT_SCALE) -> nn.initializers.Initializer:
+    """Initialiser drawing uniformly from [-scale / F^exponent, scale / F^exponent]; F (the
+    fan-in) may vary along the last axis. scale 2.4, exponent 1 is the paper's rule."""
+    limit = scale / np.asarray(fan_in, np.float32) ** exponent
 
     def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
         return jax.random.uniform(key, shape, dtype, -1.0, 1.0) * jnp.asarray(limit, dtype)
@@ -75,6 +75,7 @@ class TrainableSubsampling(nn.Module):
 
     window: int = 2
     init_exponent: float = 1.0
+    init_scale: float = INIT_SCALE
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -82,7 +83,7 @@ class TrainableSubsampling(nn.Module):
         k = self.window
         if h % k or w % k:
             raise ValueError(f"subsampling window {k} does not tile a {h}x{w} map")
-        init = fan_in_uniform(k * k, self.init_exponent)
+        init = fan_in_uniform(k * k, self.init_exponent, self.init_scale)
         coefficient = self.param("coefficient", init, (c,))
         bias = self.param("bias", init, (c,))
         sums = x.reshape(*lead, h // k, k, w // k, k, c).sum(axis=(-4, -2))
@@ -100,6 +101,7 @@ class MaskedConv(nn.Module):
     kernel_size: int = 5
     table: tuple[tuple[int, ...], ...] | None = None
     init_exponent: float = 1.0
+    init_scale: float = INIT_SCALE
     impl: str = "xla"
 
     def mask(self, n_inputs: int) -> np.ndarray:
@@ -115,13 +117,13 @@ class MaskedConv(nn.Module):
         k = self.kernel_size
         mask = self.mask(x.shape[-1])
         fan_in = k * k * mask.sum(axis=0)
-        weight_init = fan_in_uniform(fan_in, self.init_exponent)
+        weight_init = fan_in_uniform(fan_in, self.init_exponent, self.init_scale)
 
         def kernel_init(key, shape, dtype=jnp.float32):
             return weight_init(key, shape, dtype) * mask
 
         kernel = self.param("kernel", kernel_init, (k, k, x.shape[-1], self.features))
-        bias = self.param("bias", fan_in_uniform(fan_in, self.init_exponent), (self.features,))
+        bias = self.param("bias", fan_in_uniform(fan_in, self.init_exponent, self.init_scale), (self.features,))
         return valid_conv(x, kernel * mask, self.impl) + bias
 
 
@@ -157,10 +159,11 @@ class FullConnection(nn.Module):
 
     features: int
     init_exponent: float = 1.0
+    init_scale: float = INIT_SCALE
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = fan_in_uniform(x.shape[-1], self.init_exponent)
+        init = fan_in_uniform(x.shape[-1], self.init_exponent, self.init_scale)
         kernel = self.param("kernel", init, (x.shape[-1], self.features))
         bias = self.param("bias", init, (self.features,))
         return x @ kernel + bias

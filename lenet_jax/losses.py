@@ -15,8 +15,8 @@ from lenet_jax.bitmaps import RBF_CENTRES
 
 LOSSES = ("map", "mse", "xent")
 
-DEFAULT_J = 5.0
-"""The MAP criterion's constant j (not given in the paper; this project's default)."""
+DEFAULT_J = 20.0
+"""The MAP criterion's constant j (not given in the paper; this project's choice, see README)."""
 
 
 def map_loss(penalties: jax.Array, labels: jax.Array, j: float = DEFAULT_J) -> jax.Array:

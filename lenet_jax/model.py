@@ -17,6 +17,7 @@ import numpy as np
 
 from lenet_jax.layers import (
     C3_TABLE,
+    INIT_SCALE,
     EuclideanRBF,
     FullConnection,
     MaskedConv,
@@ -37,28 +38,30 @@ class LeNet5(nn.Module):
 
     head: ``"rbf"`` for the paper's Euclidean RBF output with fixed digit bitmaps, or
     ``"softmax"`` for a trainable 84 -> 10 layer read as logits (the modern default).
-    init_exponent: weights start uniform in +-2.4 / F**init_exponent (1: the paper).
+    init_scale, init_exponent: weights start uniform in +-init_scale / F**init_exponent,
+    F the fan-in (2.4 and 1: the paper).
     conv_impl: how C1, C3 and C5 are computed ("patches" or "xla", the same function;
     see ``lenet_jax.layers.valid_conv``).
     """
 
     head: str = "rbf"
     init_exponent: float = 1.0
+    init_scale: float = INIT_SCALE
     conv_impl: str = "patches"
 
     def setup(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
-        e = self.init_exponent
-        self.C1 = MaskedConv(features=6, init_exponent=e, impl=self.conv_impl)
-        self.S2 = TrainableSubsampling(init_exponent=e)
-        self.C3 = MaskedConv(features=16, table=C3_TABLE, init_exponent=e, impl=self.conv_impl)
-        self.S4 = TrainableSubsampling(init_exponent=e)
-        self.C5 = MaskedConv(features=120, init_exponent=e, impl=self.conv_impl)
-        self.F6 = FullConnection(features=84, init_exponent=e)
+        e, s = self.init_exponent, self.init_scale
+        self.C1 = MaskedConv(features=6, init_exponent=e, init_scale=s, impl=self.conv_impl)
+        self.S2 = TrainableSubsampling(init_exponent=e, init_scale=s)
+        self.C3 = MaskedConv(features=16, table=C3_TABLE, init_exponent=e, init_scale=s, impl=self.conv_impl)
+        self.S4 = TrainableSubsampling(init_exponent=e, init_scale=s)
+        self.C5 = MaskedConv(features=120, init_exponent=e, init_scale=s, impl=self.conv_impl)
+        self.F6 = FullConnection(features=84, init_exponent=e, init_scale=s)
         self.squash = ScaledTanh()
         if self.head == "softmax":
-            self.output = FullConnection(features=10, init_exponent=e)
+            self.output = FullConnection(features=10, init_exponent=e, init_scale=s)
         else:
             self.rbf = EuclideanRBF()
 

