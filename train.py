@@ -22,7 +22,7 @@ HELP = {
     "loss": "criterion: map or mse for the rbf head, xent for the softmax head",
     "map_j": "the constant j of the MAP criterion (not given in the paper)",
     "init_scale": "weights start uniform in +-s/F**x, F the fan-in: this is s (the paper: 2.4)",
-    "init_exponent": "... and this is x (the paper: 1)",
+    "init_exponent": "... and this is x (the paper: 1, with which SDLM diverges here; see README)",
     "optimizer": f"{', '.join(OPTIMIZERS)}; sdlm is the paper's stochastic diagonal Levenberg-Marquardt",
     "lr": "starting global step (default per optimizer: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
     "schedule": f"step schedule over passes ({', '.join(SCHEDULES)}); paper: x1, x0.4 from pass 3, x0.2 from 6, x0.1 from 9, x0.02 from 13",
@@ -34,6 +34,8 @@ HELP = {
     "epochs": "passes over the training set",
     "batch_size": "patterns per update; 1 is the paper's pure stochastic mode",
     "seed": "seed of the initial weights, the data order, the Hessian samples and the validation split",
+    "devices": "devices for data parallelism: 0 uses every local device; the global --batch-size must divide "
+    "evenly over them; batch size 1 (the paper's mode) runs on one device",
     "conv_impl": "how C1/C3/C5 are computed: auto (patches on CPU, xla elsewhere), patches or xla",
     "chunks": "compiled pieces per epoch (progress-bar granularity)",
     "eval_batch_size": "batch size of evaluation",
@@ -41,14 +43,19 @@ HELP = {
 }
 
 
+OPTIONAL_TYPES = {"data_dir": str, "cache_dir": str, "train_subset": int, "lr": float}
+"""Types of the Config fields whose default is None."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train LeNet-5 as LeCun et al. (1998) defined it. Every default is the paper's setting, "
-        "or this project's choice where the paper is silent.",
+        "except where the paper is silent and in two documented places where its setting does not train here "
+        "(the initial weight range and SDLM's global step: see the README).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(Config):
-        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0].split("|")[0].strip()]
+        kind = OPTIONAL_TYPES.get(f.name, type(f.default))
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=HELP[f.name])
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints, metrics.jsonl and config.json go (default runs/<date-time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")

@@ -57,6 +57,7 @@ class Config:
     batch_size: int = 1
     seed: int = 0
     # running
+    devices: int = 0  # data-parallel devices; 0: all local ones (one for batch size 1)
     conv_impl: str = "auto"  # "auto": "patches" on CPU, "xla" elsewhere
     chunks: int = 10  # compiled pieces per epoch, for the progress bar
     eval_batch_size: int = 1000
@@ -88,6 +89,8 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.devices < 0:
+            raise ValueError(f"--devices must be 0 (all) or more, got {self.devices}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ValueError(f"--train-subset must be at least 1, got {self.train_subset}")
         if self.validation_size < 0:

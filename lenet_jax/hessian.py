@@ -34,7 +34,7 @@ def _output_fn(model: nn.Module, x: jax.Array) -> Callable[[Params], jax.Array]:
     return lambda p: model.apply({"params": p}, x[None], method="outputs")[0]
 
 
-def _mean_over_samples(per_sample, params: Params, *xs, batch_size: int) -> Params:
+def _mean_over_samples(per_sample, *xs, batch_size: int) -> Params:
     n = xs[0].shape[0]
     total = jax.lax.map(lambda args: per_sample(*args), xs, batch_size=min(batch_size, n))
     return jax.tree.map(lambda t: jnp.sum(t, 0) / n, total)
@@ -67,7 +67,7 @@ def gauss_newton_diagonal(
         (cols,) = jax.vmap(vjp)(rows)
         return jax.tree.map(lambda g: jnp.sum(jnp.square(g), 0), cols)
 
-    return _mean_over_samples(per_sample, params, images, labels, batch_size=batch_size)
+    return _mean_over_samples(per_sample, images, labels, batch_size=batch_size)
 
 
 def hutchinson_diagonal(
@@ -99,7 +99,7 @@ def hutchinson_diagonal(
         return jax.tree.map(lambda v, g: jnp.mean(v * g, 0), probes_tree, gnv)
 
     keys = jax.random.split(key, images.shape[0])
-    mean = _mean_over_samples(per_sample, params, images, labels, keys, batch_size=batch_size)
+    mean = _mean_over_samples(per_sample, images, labels, keys, batch_size=batch_size)
     return jax.tree.map(lambda h: jnp.maximum(h, 0.0), mean)
 
 

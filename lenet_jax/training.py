@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training.train_state import TrainState
+from jax.sharding import Mesh
 
 from lenet_jax import checkpoint as ckpt
 from lenet_jax import hessian
@@ -27,6 +28,7 @@ from lenet_jax.config import STRUCTURAL, Config
 from lenet_jax.data import Dataset, preprocess, split_validation
 from lenet_jax.losses import Objective
 from lenet_jax.model import LeNet5, count_parameters, init_params
+from lenet_jax.parallel import choose_devices, data_mesh, replicated, split_batch
 from lenet_jax.sdlm import paper_schedule, sdlm, set_hessian, uses_curvature
 
 Metrics = dict[str, jax.Array]
@@ -93,15 +95,17 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, objective: Objecti
     return state, {"loss": loss * y.shape[0], "errors": errors, "finite": jnp.isfinite(loss)}
 
 
-@functools.partial(jax.jit, static_argnames=("objective",), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("objective", "mesh"), donate_argnames=("state",))
 def train_chunk(
-    state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array, objective: Objective
+    state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array, objective: Objective, mesh: Mesh | None = None
 ) -> tuple[TrainState, Metrics]:
-    """Scan ``train_step`` over rows of ``batches`` (indices into the uint8 ``images``)."""
+    """Scan ``train_step`` over rows of ``batches`` (indices into the uint8 ``images``),
+    each batch split over ``mesh`` when one is given (data parallelism)."""
 
     def body(carry, idx):
         state, totals = carry
-        state, m = train_step(state, preprocess(images[idx]), labels[idx], objective)
+        x, y = split_batch(preprocess(images[idx]), mesh), split_batch(labels[idx], mesh)
+        state, m = train_step(state, x, y, objective)
         totals = {
             "loss": totals["loss"] + m["loss"],
             "errors": totals["errors"] + m["errors"],
@@ -218,6 +222,7 @@ def fit(
     if config.batch_size > n:
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {n} training images")
     steps = n // config.batch_size
+    mesh = data_mesh(choose_devices(config.batch_size, config.devices))
     state = create_state(config, steps)
 
     mngr = ckpt.manager(workdir / "checkpoints", keep=config.keep, track_best=validation is not None)
@@ -242,12 +247,13 @@ def fit(
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    d_images, d_labels = jax.device_put(images), jax.device_put(labels)
+    state = jax.device_put(state, replicated(mesh))
+    d_images, d_labels = jax.device_put(images, replicated(mesh)), jax.device_put(labels, replicated(mesh))
     objective = config.objective
     log(
         f"training LeNet-5 ({config.head} head, {config.loss} loss, {count_parameters(state.params):,} parameters) "
         f"with {config.optimizer} on {n:,} {config.dataset} images, batch {config.batch_size}, "
-        f"{config.epochs} epochs, on {jax.devices()[0].platform}"
+        f"{config.epochs} epochs, on {mesh.size} {jax.devices()[0].platform} device(s)"
     )
     chunk_len = math.ceil(steps / min(config.chunks, steps))
     for epoch in range(start, config.epochs + 1):
@@ -259,7 +265,7 @@ def fit(
         bar = tqdm(total=steps * config.batch_size, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress, leave=False)
         for c in range(0, steps, chunk_len):
             chunk = batches[c : c + chunk_len]
-            state, m = train_chunk(state, d_images, d_labels, chunk, objective)
+            state, m = train_chunk(state, d_images, d_labels, chunk, objective, mesh if mesh.size > 1 else None)
             m = jax.device_get(m)
             totals = {"loss": totals["loss"] + float(m["loss"]), "errors": totals["errors"] + int(m["errors"]), "finite": totals["finite"] and bool(m["finite"])}
             bar.update(chunk.shape[0] * config.batch_size)

@@ -37,9 +37,10 @@ def test_paper_configuration_learns_real_digits(mnist, tmp_path):
     assert np.all(kernel[:, :, connection_mask(C3_TABLE, 6) == 0] == 0)  # masked weights stay exactly zero
 
 
-@pytest.mark.parametrize("optimizer,batch", [("sgd", 16), ("adam", 32)])
+@pytest.mark.parametrize("optimizer,batch", [("sgd", 16), ("adam", 32), ("sdlm", 8)])
 def test_other_optimizers_and_minibatches_learn(mnist, tmp_path, optimizer, batch):
-    config = Config(optimizer=optimizer, batch_size=batch, epochs=2, train_subset=3000, schedule="constant")
+    lr = {"sdlm": 1e-3}.get(optimizer)
+    config = Config(optimizer=optimizer, batch_size=batch, epochs=2, train_subset=3000, schedule="constant", lr=lr)
     result = fit(config, small(mnist, 3000), tmp_path, **QUIET)
     assert result.history[-1]["test_error"] < 0.15
 
