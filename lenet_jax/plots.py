@@ -34,3 +34,26 @@ def error_curves(runs: dict[str, Sequence[dict[str, Any]]], path: Path | str, ti
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def rbf_bitmaps(path: Path | str) -> Path:
+    """The ten fixed 7x12 RBF centres as pictures (ink black, background white)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lenet_jax.bitmaps import DIGIT_BITMAPS
+
+    fig, axes = plt.subplots(1, 10, figsize=(8, 1.8), dpi=120)
+    for digit, ax in enumerate(axes):
+        ax.imshow(-DIGIT_BITMAPS[digit], cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_title(str(digit), fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
