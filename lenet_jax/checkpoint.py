@@ -8,7 +8,7 @@ when complete, so a killed run never leaves a partial step that loads as valid.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -59,7 +59,10 @@ def best_step(mngr: ocp.CheckpointManager) -> int | None:
     """The kept step with the lowest validation error, or None if none has one."""
     ranked = []
     for step in mngr.all_steps():
-        value = read_record(mngr, step).get("metrics", {}).get(BEST_METRIC)
+        try:
+            value = read_record(mngr, step).get("metrics", {}).get(BEST_METRIC)
+        except Exception:  # an unreadable step cannot be the best; restoring it reports why
+            continue
         if value is not None:
             ranked.append((value, step))
     return min(ranked)[1] if ranked else None
@@ -81,6 +84,39 @@ def choose_step(mngr: ocp.CheckpointManager, which: str = "best") -> int:
 def read_record(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     """The JSON record of ``step`` alone (no arrays loaded)."""
     return mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+
+
+def restore_newest_good(
+    mngr: ocp.CheckpointManager,
+    target_for: Callable[[dict[str, Any]], Any],
+    newest: int | None = None,
+    check: Callable[[dict[str, Any]], None] = lambda record: None,
+    log: Callable[[str], None] = print,
+) -> tuple[int, Any, dict[str, Any]]:
+    """Restore the newest step (at most ``newest``) that loads. A step that fails to load
+    (a file truncated or deleted by a killed process, say) is named and skipped, never
+    used. ``target_for(record)`` builds the state to restore into; ``check(record)`` may
+    refuse a loadable step by raising (its error propagates)."""
+    steps = sorted((s for s in mngr.all_steps() if newest is None or s <= newest), reverse=True)
+    for step in steps:
+        try:
+            record = read_record(mngr, step)
+        except Exception as e:  # orbax raises many kinds; any of them means unusable
+            log(f"skipping checkpoint step {step}: its record does not load ({type(e).__name__}: {_first_line(e)})")
+            continue
+        check(record)
+        try:
+            state, record = restore(mngr, step, target_for(record))
+        except Exception as e:
+            log(f"skipping checkpoint step {step}: its state does not load ({type(e).__name__}: {_first_line(e)})")
+            continue
+        return step, state, record
+    raise CheckpointError(f"{mngr.directory}: no checkpoint loads" + (f" (tried steps {steps})" if steps else ""))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no detail"
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict[str, Any]]:

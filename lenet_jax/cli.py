@@ -78,7 +78,7 @@ def run_evaluation(path: Path, which: str = "best", as_json: bool = False, data_
     def go() -> int:
         from lenet_jax.training import evaluate, restore_run
 
-        state, config, record = restore_run(path, which)
+        state, config, record = restore_run(path, which, log=lambda m: print(m, file=sys.stderr))
         config = config.replace(**{k: v for k, v in (data_overrides or {}).items() if v is not None})
         dataset = load_data(config, log=lambda m: print(m, file=sys.stderr))
         r = evaluate(state.params, state.apply_fn, dataset.test_images, dataset.test_labels, config.objective, config.eval_batch_size)

@@ -229,16 +229,19 @@ def fit(
     start = 1
     history: list[dict[str, Any]] = []
     if resume and mngr.latest_step() is not None:
-        step = mngr.latest_step()
-        record = ckpt.read_record(mngr, step)
-        saved = Config.from_dict(record["config"])
-        mismatched = [f for f in STRUCTURAL if getattr(saved, f) != getattr(config, f)]
-        if mismatched:
-            raise ckpt.CheckpointError(
-                f"{workdir}: cannot resume, the checkpoint was written with different "
-                + ", ".join(f"{f} ({getattr(saved, f)!r} there, {getattr(config, f)!r} here)" for f in mismatched)
-            )
-        state, record = ckpt.restore(mngr, step, state)
+
+        def check(record: dict[str, Any]) -> None:
+            saved = Config.from_dict(record["config"])
+            mismatched = [f for f in STRUCTURAL if getattr(saved, f) != getattr(config, f)]
+            if mismatched:
+                raise ckpt.CheckpointError(
+                    f"{workdir}: cannot resume, the checkpoint was written with different "
+                    + ", ".join(f"{f} ({getattr(saved, f)!r} there, {getattr(config, f)!r} here)" for f in mismatched)
+                )
+
+        step, state, record = ckpt.restore_newest_good(mngr, lambda record: state, check=check, log=log)
+        for broken in [s for s in mngr.all_steps() if s > step]:
+            mngr.delete(broken)
         history = record.get("history", [])
         start = step + 1
         log(f"resumed from {workdir / 'checkpoints'} at epoch {step}")
@@ -304,11 +307,13 @@ def checkpoint_dir(path: Path | str) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def restore_run(path: Path | str, which: str = "best") -> tuple[TrainState, Config, dict[str, Any]]:
-    """The state, config and record of a saved epoch ("best", "latest" or a number)."""
+def restore_run(path: Path | str, which: str = "best", log: Callable[[str], None] = print) -> tuple[TrainState, Config, dict[str, Any]]:
+    """The state, config and record of a saved epoch ("best", "latest" or a number); if
+    that one does not load, the newest older one that does (the skipped ones are named)."""
     mngr = ckpt.manager(checkpoint_dir(path), create=False)
-    step = ckpt.choose_step(mngr, which)
-    config = Config.from_dict(ckpt.read_record(mngr, step)["config"])
-    state, record = ckpt.restore(mngr, step, create_state(config, 1))
+    newest = ckpt.choose_step(mngr, which)
+    _, state, record = ckpt.restore_newest_good(
+        mngr, lambda record: create_state(Config.from_dict(record["config"]), 1), newest=newest, log=log
+    )
     mngr.close()
-    return state, config, record
+    return state, Config.from_dict(record["config"]), record

@@ -130,3 +130,27 @@ def test_bad_command_lines_get_one_line_and_exit_2(args, message):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("fault", ["truncate_data", "delete_manifest", "truncate_metadata", "delete_record"])
+def test_a_damaged_newest_checkpoint_is_skipped_and_named(mnist, tmp_path, fault):
+    data = small(mnist, 100, 100)
+    config = Config(epochs=2, train_subset=100, hessian_samples=20)
+    fit(config, data, tmp_path, **QUIET)
+    newest = tmp_path / "checkpoints" / "2"
+    if fault == "truncate_data":
+        for f in (newest / "state").rglob("d/*"):
+            f.write_bytes(f.read_bytes()[:10])
+    elif fault == "delete_manifest":
+        for f in (newest / "state").rglob("manifest.ocdbt"):
+            f.unlink()
+    elif fault == "truncate_metadata":
+        (newest / "state" / "_METADATA").write_text("{\"tr")
+    else:
+        (newest / "record" / "metadata").unlink()
+    said = []
+    _, _, record = restore_run(tmp_path, "latest", log=said.append)
+    assert record["epoch"] == 1
+    assert len(said) == 1 and said[0].startswith("skipping checkpoint step 2:")
+    resumed = fit(config.replace(epochs=3), data, tmp_path, resume=True, log=said.append, progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
