@@ -41,7 +41,7 @@ def main() -> None:
     for item in args.runs:
         label, _, run = item.partition("=")
         groups[label].append(read_history(Path(run)))
-    print("| run | passes | test error | training error (last pass, on the fly) | seconds per pass |")
+    print("| run | passes | test error | training error (last pass, on the fly) | median wall seconds per pass during the run |")
     print("|---|---|---|---|---|")
     for label, histories in groups.items():
         last = [h[-1] for h in histories]

@@ -264,17 +264,20 @@ def fit(
         if uses_curvature(state.opt_state):
             state = refresh_curvature(state, d_images, d_labels, config, epoch)
         batches = epoch_batches(config.seed, epoch, n, config.batch_size)
-        totals = {"loss": 0.0, "errors": 0, "finite": True}
+        totals = {"loss": 0.0, "errors": 0}
         bar = tqdm(total=steps * config.batch_size, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress, leave=False)
         for c in range(0, steps, chunk_len):
             chunk = batches[c : c + chunk_len]
             state, m = train_chunk(state, d_images, d_labels, chunk, objective, mesh if mesh.size > 1 else None)
             m = jax.device_get(m)
-            totals = {"loss": totals["loss"] + float(m["loss"]), "errors": totals["errors"] + int(m["errors"]), "finite": totals["finite"] and bool(m["finite"])}
+            if not bool(m["finite"]):
+                raise FloatingPointError(
+                    f"the loss became NaN or infinite in epoch {epoch}, updates {c + 1}-{c + chunk.shape[0]} of {steps}; "
+                    f"the last good checkpoint is epoch {mngr.latest_step()} in {workdir / 'checkpoints'}"
+                )
+            totals = {"loss": totals["loss"] + float(m["loss"]), "errors": totals["errors"] + int(m["errors"])}
             bar.update(chunk.shape[0] * config.batch_size)
         bar.close()
-        if not totals["finite"]:
-            raise FloatingPointError(f"the loss became NaN or infinite during epoch {epoch}; the last good checkpoint is epoch {mngr.latest_step()}")
         train_seconds = time.perf_counter() - t0
         seen = steps * config.batch_size
         row: dict[str, Any] = {

@@ -154,3 +154,12 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(mnist, tmp_path, fault
     assert len(said) == 1 and said[0].startswith("skipping checkpoint step 2:")
     resumed = fit(config.replace(epochs=3), data, tmp_path, resume=True, log=said.append, progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_a_diverging_run_stops_naming_where_and_keeps_the_last_good_checkpoint(mnist, tmp_path):
+    data = small(mnist, 200, 100)
+    fit(Config(optimizer="sgd", lr=1e-3, epochs=1, train_subset=200), data, tmp_path, **QUIET)
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite in epoch 2, updates 1-20 of 200; the last good checkpoint is epoch 1"):
+        fit(Config(optimizer="sgd", lr=1e38, epochs=2, train_subset=200), data, tmp_path, resume=True, **QUIET)
+    _, _, record = restore_run(tmp_path, "latest", log=lambda m: None)
+    assert record["epoch"] == 1
