@@ -6,14 +6,28 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def error_curves(runs: dict[str, Sequence[dict[str, Any]]], path: Path | str, title: str = "") -> Path:
-    """Training (dashed, measured during each pass) and test (solid) error against passes,
-    one colour per run: the shape of the paper's Fig. 5."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path | str) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def error_curves(runs: dict[str, Sequence[dict[str, Any]]], path: Path | str, title: str = "") -> Path:
+    """Training (dashed, measured during each pass) and test (solid) error against passes,
+    one colour per run: the shape of the paper's Fig. 5."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for i, (label, history) in enumerate(runs.items()):
         colour = f"C{i}"
@@ -28,22 +42,14 @@ def error_curves(runs: dict[str, Sequence[dict[str, Any]]], path: Path | str, ti
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def rbf_bitmaps(path: Path | str) -> Path:
     """The ten fixed 7x12 RBF centres as pictures (ink black, background white)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from lenet_jax.bitmaps import DIGIT_BITMAPS
+
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, 10, figsize=(8, 1.8), dpi=120)
     for digit, ax in enumerate(axes):
@@ -51,9 +57,4 @@ def rbf_bitmaps(path: Path | str) -> Path:
         ax.set_title(str(digit), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
