@@ -268,7 +268,7 @@ def fit(
         bar = tqdm(total=steps * config.batch_size, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress, leave=False)
         for c in range(0, steps, chunk_len):
             chunk = batches[c : c + chunk_len]
-            state, m = train_chunk(state, d_images, d_labels, chunk, objective, mesh if mesh.size > 1 else None)
+            state, m = train_chunk(state, d_images, d_labels, chunk, objective, mesh)
             m = jax.device_get(m)
             if not bool(m["finite"]):
                 raise FloatingPointError(
