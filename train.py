@@ -47,8 +47,10 @@ OPTIONAL_TYPES = {"data_dir": str, "cache_dir": str, "train_subset": int, "lr": 
 """Types of the Config fields whose default is None."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The parser; with ``defaults=False`` it returns only the options actually given."""
     parser = argparse.ArgumentParser(
+        argument_default=None if defaults else argparse.SUPPRESS,
         description="Train LeNet-5 as LeCun et al. (1998) defined it. Every default is the paper's setting, "
         "except where the paper is silent and in two documented places where its setting does not train here "
         "(the initial weight range and SDLM's global step: see the README).",
@@ -56,15 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(Config):
         kind = OPTIONAL_TYPES.get(f.name, type(f.default))
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=HELP[f.name])
-    parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints, metrics.jsonl and config.json go (default runs/<date-time>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
+        default = f.default if defaults else argparse.SUPPRESS
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, help=HELP[f.name])
+    parser.add_argument("--workdir", type=Path, help="where checkpoints, metrics.jsonl and config.json go (default runs/<date-time>)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --workdir where it stopped (an interrupted epoch included), with its saved "
+        "options; options given here override them (only the epochs, the step and how it runs may change)",
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process JAX cluster (jax.distributed.initialize); automatic when JAX_COORDINATOR_ADDRESS, "
+        "a multi-task SLURM or Open MPI job, or a multi-host TPU slice is detected",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    given = vars(build_parser(defaults=False).parse_args(argv))
     fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     if args.resume and args.workdir is None:
         print("error: --resume needs the --workdir of the run to continue", file=sys.stderr)
@@ -72,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     from lenet_jax.cli import run_training
 
-    return run_training(Config(**fields), workdir, resume=args.resume, progress=not args.no_progress)
+    overrides = {k: v for k, v in given.items() if k in fields}
+    return run_training(
+        Config(**fields), workdir, resume=args.resume, progress=not args.no_progress,
+        distributed=args.distributed, overrides=overrides,
+    )
 
 
 if __name__ == "__main__":

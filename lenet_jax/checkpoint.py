@@ -42,17 +42,24 @@ def manager(directory: Path | str, keep: int = 3, create: bool = True, track_bes
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "record"))
 
 
-def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, record: dict[str, Any]) -> None:
-    """Save after ``epoch`` (the step number is the epoch). ``record`` must be JSON-able;
-    its "metrics" entry, if it has val_error, ranks the checkpoint for "best"."""
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, record: dict[str, Any]) -> None:
+    """Save ``state`` as ``step`` (the epoch, for epoch checkpoints) and wait until it is on
+    disk. ``record`` must be JSON-able; its "metrics" entry, if it has val_error, ranks the
+    checkpoint for "best"."""
     metrics = record.get("metrics", {})
     ranked = {BEST_METRIC: metrics[BEST_METRIC]} if metrics.get(BEST_METRIC) is not None else None
     mngr.save(
-        epoch,
+        step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)),
         metrics=ranked,
     )
     mngr.wait_until_finished()
+
+
+def clear(mngr: ocp.CheckpointManager) -> None:
+    """Delete every step of ``mngr``."""
+    for step in mngr.all_steps():
+        mngr.delete(step)
 
 
 def best_step(mngr: ocp.CheckpointManager) -> int | None:

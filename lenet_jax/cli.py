@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,20 +40,63 @@ def load_data(config: Config, log: Callable[[str], None] = print) -> Dataset:
     return load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=log)
 
 
-def run_training(config: Config, workdir: Path, resume: bool = False, progress: bool = True) -> int:
-    """Train ``config`` into ``workdir`` and report where everything went."""
+def check_workdir(workdir: Path) -> None:
+    """Create ``workdir`` if needed and make sure files can be written in it, before any
+    time is spent on data or compiling."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-")
+        probe.close()
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir}: not a writable folder ({e.strerror or type(e).__name__})") from None
+
+
+def resume_config(config: Config, workdir: Path, overrides: dict[str, Any]) -> Config:
+    """The config a resumed run continues with: the one saved in ``workdir`` with the
+    options given on the command line (``overrides``) on top; ``config`` if none is saved."""
+    saved = workdir / "config.json"
+    if not saved.is_file():
+        return config
+    try:
+        base = Config.from_dict(json.loads(saved.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{saved}: not a config written by train.py ({e})") from None
+    return base.replace(**overrides)
+
+
+def run_training(
+    config: Config,
+    workdir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    distributed: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> int:
+    """Train ``config`` into ``workdir`` and report where everything went. SIGTERM/SIGINT
+    stop it cleanly with a checkpoint (exit 0); a second one stops it at once."""
 
     def go() -> int:
+        from lenet_jax.parallel import initialize_distributed, is_primary
+        from lenet_jax.preemption import StopRequest
         from lenet_jax.training import fit
 
-        config.validate()
-        dataset = load_data(config)
-        print(f"data: {dataset.source}")
-        result = fit(config, dataset, workdir, resume=resume, progress=progress)
+        initialize_distributed(distributed)
+        run_config = resume_config(config, workdir, overrides or {}) if resume else config
+        run_config.validate()
+        if is_primary():
+            check_workdir(workdir)
+        say = (lambda m: print(m, flush=True)) if is_primary() else (lambda m: None)
+        dataset = load_data(run_config, log=say)
+        say(f"data: {dataset.source}")
+        with StopRequest() as stop:
+            result = fit(run_config, dataset, workdir, resume=resume, log=say, progress=progress, stop=stop)
+        if result.stopped:
+            say(f"to continue: python train.py --workdir {workdir} --resume")
+            return 0
         last = result.history[-1] if result.history else {}
-        print(f"done: test error {last.get('test_error', float('nan')):.2%} after {config.epochs} epochs")
-        print(f"checkpoints: {workdir / 'checkpoints'}\nmetrics log: {workdir / 'metrics.jsonl'}")
-        print(f"evaluate with: python eval.py --workdir {workdir}")
+        say(f"done: test error {last.get('test_error', float('nan')):.2%} after {run_config.epochs} epochs")
+        say(f"checkpoints: {workdir / 'checkpoints'}\nmetrics log: {workdir / 'metrics.jsonl'}")
+        say(f"evaluate with: python eval.py --workdir {workdir}")
         return 0
 
     return guarded(go)

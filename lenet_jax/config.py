@@ -24,9 +24,11 @@ DEFAULT_LR = {"sdlm": PAPER_ETAS[0] / 2, "sgd": 1e-3, "momentum": 1e-3, "adam": 
 """Starting step per optimiser: for SDLM half the paper's eta (at the paper's 5e-4 batch-1
 SDLM is unstable in its second pass here; see README), the others this project's."""
 
-# Fields that fix the model and the optimiser state: a checkpoint written under one value
-# cannot be resumed under another.
-STRUCTURAL = ("head", "loss", "optimizer")
+RESUMABLE = ("epochs", "lr", "data_source", "data_dir", "cache_dir", "devices", "conv_impl", "chunks", "eval_batch_size", "keep")
+"""The fields a resumed run may change: the number of epochs, the global step (to go on
+at a smaller one) and how the run is executed. Every other field shapes the model, the
+data or the optimiser, so a checkpoint written under one value cannot be continued under
+another."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,15 @@ class Config:
             raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
         self.objective  # checks head/loss/j together
         return self
+
+    def resume_conflicts(self, saved: "Config") -> list[str]:
+        """'field (saved there, this here)' for each field, outside RESUMABLE, in which
+        ``self`` differs from the ``saved`` config of the run it would continue."""
+        return [
+            f"{f.name} ({getattr(saved, f.name)!r} there, {getattr(self, f.name)!r} here)"
+            for f in dataclasses.fields(self)
+            if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(self, f.name)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

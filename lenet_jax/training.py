@@ -20,15 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training.train_state import TrainState
+from tqdm.auto import tqdm
 from jax.sharding import Mesh
 
 from lenet_jax import checkpoint as ckpt
 from lenet_jax import hessian
-from lenet_jax.config import STRUCTURAL, Config
+from lenet_jax.config import Config
 from lenet_jax.data import Dataset, preprocess, split_validation
 from lenet_jax.losses import Objective
 from lenet_jax.model import LeNet5, count_parameters, init_params
-from lenet_jax.parallel import choose_devices, data_mesh, replicated, split_batch
+from lenet_jax.parallel import choose_devices, data_mesh, is_primary, put_replicated, split_batch
 from lenet_jax.sdlm import paper_schedule, sdlm, set_hessian, uses_curvature
 
 Metrics = dict[str, jax.Array]
@@ -159,20 +160,30 @@ def evaluate(params: Any, apply_fn: Callable, images: Any, labels: Any, objectiv
 
 @functools.partial(jax.jit, static_argnames=("estimator", "model", "objective", "probes"))
 def estimate_hessian(
-    params: Any, images: jax.Array, labels: jax.Array, key: jax.Array, estimator: str, model: LeNet5, objective: Objective, probes: int = 8
+    params: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    pick: jax.Array,
+    key: jax.Array,
+    estimator: str,
+    model: LeNet5,
+    objective: Objective,
+    probes: int = 8,
 ) -> Any:
-    """A compiled Hessian-diagonal estimate over uint8 ``images`` (see ``lenet_jax.hessian``)."""
-    return hessian.estimate(estimator, model, objective, params, preprocess(images), labels, key, probes=probes)
+    """A compiled Hessian-diagonal estimate over the uint8 ``images[pick]`` (see
+    ``lenet_jax.hessian``)."""
+    return hessian.estimate(estimator, model, objective, params, preprocess(images[pick]), labels[pick], key, probes=probes)
 
 
 def refresh_curvature(state: TrainState, images: jax.Array, labels: jax.Array, config: Config, epoch: int) -> TrainState:
     """Before a pass: average the estimate over ``config.hessian_samples`` random training
-    patterns and hold it fixed in the optimiser state for the pass (appendix C)."""
+    patterns and hold it fixed in the optimiser state for the pass (appendix C). The
+    patterns are the same on every device: the average is over the global sample."""
     n = labels.shape[0]
     key = epoch_key(config.seed, epoch, 1)
     pick = jax.random.choice(key, n, (min(config.hessian_samples, n),), replace=False)
     h = estimate_hessian(
-        state.params, images[pick], labels[pick], jax.random.fold_in(key, 1),
+        state.params, images, labels, pick, jax.random.fold_in(key, 1),
         config.hessian_estimator, make_model(config), config.objective, config.hutchinson_probes,
     )
     return state.replace(opt_state=set_hessian(state.opt_state, h))
@@ -180,12 +191,32 @@ def refresh_curvature(state: TrainState, images: jax.Array, labels: jax.Array, c
 
 # --------------------------------------------------------------------------- the loop
 
+PARTIAL = "interrupted"
+"""Folder (in a run's workdir) of the checkpoint written when a signal stops a run
+mid-epoch; it is deleted once that epoch completes."""
+
 
 @dataclass
 class RunResult:
+    """The state a run ended with, its per-epoch history, and, when a signal stopped it
+    early, where: ``stopped`` = {"epoch", "update", "steps"}."""
+
     state: TrainState
     history: list[dict[str, Any]]
     workdir: Path
+    stopped: dict[str, int] | None = None
+
+
+@dataclass
+class Position:
+    """Where a run (re)starts: after ``update`` updates of ``epoch``, with that epoch's
+    running sums so far."""
+
+    epoch: int = 1
+    update: int = 0
+    loss: float = 0.0
+    errors: int = 0
+    seconds: float = 0.0
 
 
 def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> jax.Array:
@@ -196,8 +227,62 @@ def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> jax.Array:
     return perm[: steps * batch_size].reshape(steps, batch_size)
 
 
-def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if not isinstance(v, np.ndarray)}
+def training_split(config: Config, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """The images and labels ``config`` trains on, and its validation set (None without one)."""
+    train, validation = split_validation(dataset, config.validation_size, config.seed)
+    images, labels = train.train_images, train.train_labels
+    if config.train_subset is not None:
+        images, labels = images[: config.train_subset], labels[: config.train_subset]
+    if config.batch_size > len(labels):
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(labels)} training images")
+    return images, labels, validation
+
+
+def _wait(tree: Any) -> Any:
+    """``tree`` on the host once computed; the wait sleeps in Python, so a signal handler
+    runs (and a second signal can end the process) while a compiled chunk is running."""
+    while not all(leaf.is_ready() for leaf in jax.tree.leaves(tree)):
+        time.sleep(0.002)
+    return jax.device_get(tree)
+
+
+def _resume(
+    config: Config, template: TrainState, epochs: Any, partial: Any, log: Callable[[str], None]
+) -> tuple[TrainState, list[dict[str, Any]], Position]:
+    """The state, history and position of the newest good checkpoint of a run: an
+    interrupted epoch if one is newer than the last complete epoch, else that epoch."""
+
+    def check(record: dict[str, Any]) -> None:
+        conflicts = config.resume_conflicts(Config.from_dict(record["config"]))
+        if conflicts:
+            raise ckpt.CheckpointError("cannot resume, the checkpoint was written with different " + ", ".join(conflicts))
+
+    state, history, position = template, [], Position()
+    if epochs.latest_step() is not None:
+        step, state, record = ckpt.restore_newest_good(epochs, lambda record: template, check=check, log=log)
+        for broken in [s for s in epochs.all_steps() if s > step]:
+            epochs.delete(broken)
+        history, position = record.get("history", []), Position(epoch=step + 1)
+    if partial.latest_step() is not None:
+        try:
+            record = ckpt.read_record(partial, partial.latest_step())
+        except Exception:  # restore_newest_good below names the failure
+            record = {"epoch": position.epoch}
+        if record.get("epoch", 0) < position.epoch:
+            log(f"discarding the interrupted-epoch checkpoint: epoch {position.epoch - 1} completed after it")
+            ckpt.clear(partial)
+            return state, history, position
+        try:
+            _, state_p, record = ckpt.restore_newest_good(partial, lambda record: template, check=check, log=log)
+        except ckpt.CheckpointError as e:
+            if "cannot resume" in str(e):
+                raise
+            ckpt.clear(partial)
+            return state, history, position
+        p = record["partial"]
+        state, history = state_p, record["history"]
+        position = Position(record["epoch"], p["update"], p["loss"], p["errors"], p["seconds"])
+    return state, history, position
 
 
 def fit(
@@ -207,100 +292,140 @@ def fit(
     resume: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    stop: Callable[[], bool] = lambda: False,
 ) -> RunResult:
     """Train ``config`` on ``dataset``: checkpoints, a metrics log (metrics.jsonl) and the
-    config go to ``workdir``. Returns the final state and the per-epoch history."""
-    from tqdm.auto import tqdm
+    config go to ``workdir`` (from process 0 when there are several).
 
+    ``stop`` is asked after every compiled chunk; when it says yes the run writes a
+    checkpoint where it is (mid-epoch included) and returns, and ``resume=True`` later
+    continues it with bit-identical results. Returns the state and per-epoch history."""
     config.validate()
     workdir = Path(workdir)
-    train, validation = split_validation(dataset, config.validation_size, config.seed)
-    images, labels = train.train_images, train.train_labels
-    if config.train_subset is not None:
-        images, labels = images[: config.train_subset], labels[: config.train_subset]
+    primary = is_primary()
+    say = log if primary else (lambda message: None)
+    images, labels, validation = training_split(config, dataset)
     n = len(labels)
-    if config.batch_size > n:
-        raise ValueError(f"--batch-size {config.batch_size} is larger than the {n} training images")
     steps = n // config.batch_size
     mesh = data_mesh(choose_devices(config.batch_size, config.devices))
-    state = create_state(config, steps)
+    template = create_state(config, steps)
 
-    mngr = ckpt.manager(workdir / "checkpoints", keep=config.keep, track_best=validation is not None)
-    start = 1
-    history: list[dict[str, Any]] = []
-    if resume and mngr.latest_step() is not None:
+    epochs_mngr = ckpt.manager(workdir / "checkpoints", keep=config.keep, track_best=validation is not None)
+    partial_mngr = ckpt.manager(workdir / PARTIAL, keep=1)
+    try:
+        existing = epochs_mngr.latest_step() is not None or partial_mngr.latest_step() is not None
+        if existing and not resume:
+            raise ckpt.CheckpointError(
+                f"{workdir} already holds checkpoints: pass --resume to continue it or choose another --workdir"
+            )
+        if existing:
+            state, history, start = _resume(config, template, epochs_mngr, partial_mngr, say)
+            where = f"epoch {start.epoch}, update {start.update:,} of {steps:,}" if start.update else f"the start of epoch {start.epoch}"
+            say(f"resuming {workdir} at {where}")
+        else:
+            if resume:
+                say(f"{workdir} holds no checkpoint yet: starting the run")
+            state, history, start = template, [], Position()
+        if primary:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        return _train(config, dataset, workdir, state, history, start, (images, labels, validation), mesh,
+                      (epochs_mngr, partial_mngr), say, progress and primary, stop)
+    finally:
+        epochs_mngr.close()
+        partial_mngr.close()
 
-        def check(record: dict[str, Any]) -> None:
-            saved = Config.from_dict(record["config"])
-            mismatched = [f for f in STRUCTURAL if getattr(saved, f) != getattr(config, f)]
-            if mismatched:
-                raise ckpt.CheckpointError(
-                    f"{workdir}: cannot resume, the checkpoint was written with different "
-                    + ", ".join(f"{f} ({getattr(saved, f)!r} there, {getattr(config, f)!r} here)" for f in mismatched)
-                )
 
-        step, state, record = ckpt.restore_newest_good(mngr, lambda record: state, check=check, log=log)
-        for broken in [s for s in mngr.all_steps() if s > step]:
-            mngr.delete(broken)
-        history = record.get("history", [])
-        start = step + 1
-        log(f"resumed from {workdir / 'checkpoints'} at epoch {step}")
-    elif not resume and mngr.latest_step() is not None:
-        raise ckpt.CheckpointError(f"{workdir} already holds checkpoints: pass --resume to continue it or choose another --workdir")
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    state = jax.device_put(state, replicated(mesh))
-    d_images, d_labels = jax.device_put(images, replicated(mesh)), jax.device_put(labels, replicated(mesh))
+def _train(
+    config: Config,
+    dataset: Dataset,
+    workdir: Path,
+    state: TrainState,
+    history: list[dict[str, Any]],
+    start: Position,
+    data: tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None],
+    mesh: Mesh,
+    managers: tuple[Any, Any],
+    say: Callable[[str], None],
+    progress: bool,
+    stop: Callable[[], bool],
+) -> RunResult:
+    """The epoch loop of ``fit``, from ``start``."""
+    images, labels, validation = data
+    epochs_mngr, partial_mngr = managers
+    n, bs = len(labels), config.batch_size
+    steps = n // bs
+    parameters = count_parameters(state.params)
+    state = put_replicated(state, mesh)
+    d_images, d_labels = put_replicated(images, mesh), put_replicated(labels, mesh)
     objective = config.objective
-    log(
-        f"training LeNet-5 ({config.head} head, {config.loss} loss, {count_parameters(state.params):,} parameters) "
-        f"with {config.optimizer} on {n:,} {config.dataset} images, batch {config.batch_size}, "
-        f"{config.epochs} epochs, on {mesh.size} {jax.devices()[0].platform} device(s)"
+    say(
+        f"training LeNet-5 ({config.head} head, {config.loss} loss, {parameters:,} parameters) "
+        f"with {config.optimizer} on {n:,} {config.dataset} images, batch {bs}, {config.epochs} epochs, "
+        f"on {mesh.size} {jax.devices()[0].platform} device(s)" + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
     )
     chunk_len = math.ceil(steps / min(config.chunks, steps))
-    for epoch in range(start, config.epochs + 1):
+    for epoch in range(start.epoch, config.epochs + 1):
+        so_far = start if epoch == start.epoch else Position(epoch)
         t0 = time.perf_counter()
-        if uses_curvature(state.opt_state):
+        if so_far.update == 0 and uses_curvature(state.opt_state):
             state = refresh_curvature(state, d_images, d_labels, config, epoch)
-        batches = epoch_batches(config.seed, epoch, n, config.batch_size)
-        totals = {"loss": 0.0, "errors": 0}
-        bar = tqdm(total=steps * config.batch_size, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress, leave=False)
-        for c in range(0, steps, chunk_len):
+        batches = epoch_batches(config.seed, epoch, n, bs)
+        totals = {"loss": so_far.loss, "errors": so_far.errors}
+        bar = tqdm(total=steps * bs, initial=so_far.update * bs, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress, leave=False)
+        for c in range(so_far.update, steps, chunk_len):
             chunk = batches[c : c + chunk_len]
             state, m = train_chunk(state, d_images, d_labels, chunk, objective, mesh)
-            m = jax.device_get(m)
+            m = _wait(m)
+            done = c + chunk.shape[0]
             if not bool(m["finite"]):
                 raise FloatingPointError(
-                    f"the loss became NaN or infinite in epoch {epoch}, updates {c + 1}-{c + chunk.shape[0]} of {steps}; "
-                    f"the last good checkpoint is epoch {mngr.latest_step()} in {workdir / 'checkpoints'}"
+                    f"the loss became NaN or infinite in epoch {epoch}, updates {c + 1}-{done} of {steps}; "
+                    f"the last good checkpoint is epoch {epochs_mngr.latest_step()} in {workdir / 'checkpoints'}"
                 )
             totals = {"loss": totals["loss"] + float(m["loss"]), "errors": totals["errors"] + int(m["errors"])}
-            bar.update(chunk.shape[0] * config.batch_size)
+            bar.update(chunk.shape[0] * bs)
+            if done < steps and stop():
+                bar.close()
+                seconds = so_far.seconds + time.perf_counter() - t0
+                record = {
+                    "epoch": epoch,
+                    "config": config.to_dict(),
+                    "history": history,
+                    "partial": {"update": done, "steps": steps, "loss": totals["loss"], "errors": totals["errors"], "seconds": seconds},
+                }
+                ckpt.save(partial_mngr, (epoch - 1) * steps + done, state, record)
+                say(f"stopped in epoch {epoch} after {done:,} of {steps:,} updates; checkpoint in {workdir / PARTIAL}")
+                return RunResult(state=state, history=history, workdir=workdir, stopped={"epoch": epoch, "update": done, "steps": steps})
         bar.close()
-        train_seconds = time.perf_counter() - t0
-        seen = steps * config.batch_size
+        train_seconds = so_far.seconds + time.perf_counter() - t0
+        seen = steps * bs
         row: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": totals["loss"] / seen,
             "train_error": totals["errors"] / seen,
             "seconds": train_seconds,
         }
+        params = jax.device_get(state.params)
         if validation is not None:
-            v = evaluate(state.params, state.apply_fn, *validation, objective, config.eval_batch_size)
+            v = evaluate(params, state.apply_fn, *validation, objective, config.eval_batch_size)
             row.update(val_loss=v["loss"], val_error=v["error"])
-        t = evaluate(state.params, state.apply_fn, dataset.test_images, dataset.test_labels, objective, config.eval_batch_size)
+        t = evaluate(params, state.apply_fn, dataset.test_images, dataset.test_labels, objective, config.eval_batch_size)
         row.update(test_loss=t["loss"], test_error=t["error"])
-        history.append(row)
-        with open(workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        ckpt.save(mngr, epoch, state, {"epoch": epoch, "config": config.to_dict(), "metrics": row, "history": history})
+        history = history + [row]
+        if is_primary():
+            with open(workdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        ckpt.save(epochs_mngr, epoch, state, {"epoch": epoch, "config": config.to_dict(), "metrics": row, "history": history})
+        ckpt.clear(partial_mngr)
         val = f"  val {row['val_error']:.2%}" if validation is not None else ""
-        log(
+        say(
             f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_error']:.2%}{val}"
             f"  test {row['test_error']:.2%}  {train_seconds:.1f}s"
         )
-    mngr.close()
+        if epoch < config.epochs and stop():
+            say(f"stopped after epoch {epoch}; checkpoint in {workdir / 'checkpoints'}")
+            return RunResult(state=state, history=history, workdir=workdir, stopped={"epoch": epoch, "update": steps, "steps": steps})
     return RunResult(state=state, history=history, workdir=workdir)
 
 

@@ -123,9 +123,14 @@ def test_train_and_eval_scripts(mnist, tmp_path):
         (["train.py", "--head", "softmax"], "the softmax head takes loss xent"),
         (["train.py", "--data-source", "idx", "--data-dir", "/nonexistent"], "is not a folder"),
         (["eval.py", "--workdir", "/nonexistent"], "no checkpoint folder"),
+        (["train.py", "--workdir", "/etc/passwd"], "--workdir /etc/passwd: not a writable folder"),
+        (["train.py", "--workdir", "/proc/lenet"], "--workdir /proc/lenet: not a writable folder"),
+        (["train.py", "--batch-size", "70000"], "--batch-size 70000 is larger than the 60000 training images"),
     ],
 )
-def test_bad_command_lines_get_one_line_and_exit_2(args, message):
+def test_bad_command_lines_get_one_line_and_exit_2(args, message, tmp_path):
+    if args[0] == "train.py" and "--workdir" not in args:
+        args = [*args, "--workdir", str(tmp_path / "run")]
     out = run(*args)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()

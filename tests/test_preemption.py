@@ -1,0 +1,140 @@
+"""Stopping and resuming: a run stopped anywhere (mid-epoch included) and resumed ends with
+bit-identical parameters and optimiser state; real SIGTERM/SIGINT on train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import pytest
+
+from lenet_jax.config import Config
+from lenet_jax.data import Dataset
+from lenet_jax.training import PARTIAL, fit, restore_run
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(log=lambda m: None, progress=False)
+
+
+def stop_after(calls: int):
+    """A ``stop`` that says yes at its ``calls``-th question (one is asked per chunk)."""
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) == calls
+
+    return stop
+
+
+@pytest.fixture(scope="module")
+def data(mnist):
+    return Dataset(mnist.train_images[:240], mnist.train_labels[:240], mnist.test_images[:100], mnist.test_labels[:100])
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    config = Config(epochs=3, hessian_samples=40, chunks=4)
+    return config, fit(config, data, tmp_path_factory.mktemp("straight"), **QUIET)
+
+
+@pytest.mark.parametrize("calls", [2, 4, 9])  # mid-epoch 1, end of epoch 1, mid-epoch 3
+def test_stopped_anywhere_and_resumed_is_bit_identical(data, straight, tmp_path, calls):
+    config, reference = straight
+    stopped = fit(config, data, tmp_path, stop=stop_after(calls), **QUIET)
+    epoch, update = divmod(calls, 4)
+    assert stopped.stopped == ({"epoch": epoch + 1, "update": update * 60, "steps": 240} if update else {"epoch": epoch, "update": 240, "steps": 240})
+    assert bool(list((tmp_path / PARTIAL).iterdir())) == bool(update)  # a mid-epoch checkpoint only when mid-epoch
+    said = []
+    resumed = fit(config, data, tmp_path, resume=True, log=said.append, progress=False)
+    where = f"epoch {epoch + 1}, update {update * 60} of 240" if update else f"the start of epoch {epoch + 1}"
+    assert f"resuming {tmp_path} at {where}" in said
+    chex.assert_trees_all_equal(reference.state.params, resumed.state.params)
+    chex.assert_trees_all_equal(reference.state.opt_state, resumed.state.opt_state)  # Hessian, step count, schedule
+    assert resumed.history == [{**r, "seconds": s["seconds"]} for r, s in zip(reference.history, resumed.history)]
+    assert not list((tmp_path / PARTIAL).iterdir())  # removed once its epoch completed
+
+
+def test_a_damaged_interrupted_checkpoint_falls_back_to_the_epoch_before(data, straight, tmp_path):
+    config, reference = straight
+    fit(config, data, tmp_path, stop=stop_after(6), **QUIET)  # epoch 2, update 120
+    (step,) = list((tmp_path / PARTIAL).iterdir())
+    for f in (step / "state").rglob("d/*"):
+        f.write_bytes(f.read_bytes()[:10])
+    said = []
+    resumed = fit(config, data, tmp_path, resume=True, log=said.append, progress=False)
+    assert any(m.startswith(f"skipping checkpoint step {step.name}: its state does not load") for m in said)
+    assert f"resuming {tmp_path} at the start of epoch 2" in said
+    chex.assert_trees_all_equal(reference.state.params, resumed.state.params)
+
+
+def test_resuming_with_other_settings_names_each_one(data, tmp_path):
+    config = Config(epochs=2, hessian_samples=40, chunks=4)
+    fit(config, data, tmp_path, stop=stop_after(2), **QUIET)
+    with pytest.raises(Exception, match=r"batch_size \(1 there, 4 here\), seed \(0 there, 3 here\)"):
+        fit(config.replace(batch_size=4, seed=3), data, tmp_path, resume=True, **QUIET)
+    fit(config.replace(epochs=3), data, tmp_path, resume=True, **QUIET)  # more epochs is fine
+
+
+# --------------------------------------------------------------------------- real signals
+
+TRAIN = ["train.py", "--epochs", "2", "--train-subset", "3000", "--hessian-samples", "50", "--no-progress"]
+
+
+def start(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, *TRAIN, *args], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_epoch_one(proc: subprocess.Popen) -> list[str]:
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch   1"):
+            return lines
+    raise AssertionError("train.py ended before epoch 1: " + "".join(lines) + proc.stderr.read()[-2000:])
+
+
+def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(mnist, tmp_path):
+    sig = signal.SIGTERM
+    work = tmp_path / "run"
+    proc = start("--workdir", str(work), "--chunks", "100", "--train-subset", "6000")
+    wait_for_epoch_one(proc)
+    time.sleep(0.3)  # past the end-of-epoch check, well inside epoch 2 (~2 s of 100 chunks)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"{sig.name}: stopping after the current chunk" in err
+    assert "stopped in epoch 2 after" in out and f"to continue: python train.py --workdir {work} --resume" in out
+    assert len(list((work / PARTIAL).iterdir())) == 1
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "train.py", "--workdir", str(work), "--resume", "--no-progress"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stdout and "update" in done.stdout  # continued mid-epoch, with the saved options
+    config = Config(epochs=2, train_subset=6000, hessian_samples=50)
+    reference = fit(config, mnist, tmp_path / "straight", **QUIET)
+    state, saved, _ = restore_run(work, "latest", log=lambda m: None)
+    assert saved.replace(chunks=10) == config
+    chex.assert_trees_all_equal(reference.state.params, state.params)
+
+
+def test_sigint_asks_and_a_second_one_stops_at_once(mnist, tmp_path):
+    work = tmp_path / "run"
+    proc = start("--workdir", str(work), "--chunks", "1")  # one compiled chunk per epoch: ~1 s busy in XLA
+    wait_for_epoch_one(proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr.readline().startswith("SIGINT: stopping")
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGINT
+    assert time.perf_counter() - sent < 0.5  # did not wait for the chunk
+    assert not list((work / PARTIAL).iterdir())
+    assert json.loads((work / "config.json").read_text())["epochs"] == 2
