@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lenet_jax.config import Config  # noqa: E402
 from lenet_jax.data import load_dataset  # noqa: E402
+from lenet_jax.layers import CONV_IMPLS  # noqa: E402
 from lenet_jax.training import (  # noqa: E402
     create_state,
     epoch_batches,
@@ -93,10 +94,10 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto") ->
     b256 = _summary(seconds, batches256.size)
 
     # inference, batch 1000
-    infer, compile_s["infer_b1000"] = _compile(evaluate_arrays, state.params, test_images, test_labels,
-                                              apply_fn=state.apply_fn, objective=config.objective, batch_size=1000)
-    infer(state.params, test_images, test_labels)
-    seconds = [_timed(lambda: infer(state.params, test_images, test_labels))[1] for _ in range(repeats)]
+    dynamic = dict(params=state.params, images=test_images, labels=test_labels)
+    infer, compile_s["infer_b1000"] = _compile(evaluate_arrays, **dynamic, apply_fn=state.apply_fn, objective=config.objective, batch_size=1000)
+    infer(**dynamic)
+    seconds = [_timed(lambda: infer(**dynamic))[1] for _ in range(repeats)]
     inf = _summary(seconds, len(ds.test_labels))
 
     compile_s["total"] = sum(compile_s.values())
@@ -126,7 +127,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--samples", type=int, default=10_000, help="batch-1 updates per timed repeat (at least 10,000 for the headline)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--conv-impl", default="auto", choices=("auto", "patches", "xla"))
+    parser.add_argument("--conv-impl", default="auto", choices=("auto", *CONV_IMPLS))
     args = parser.parse_args()
     r = measure(args.samples, args.repeats, args.conv_impl)
     if args.json:
