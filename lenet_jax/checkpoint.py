@@ -20,6 +20,10 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that does not fit the requested run."""
 
 
+class NoGoodCheckpoint(CheckpointError):
+    """Every step of a checkpoint folder failed to load."""
+
+
 def _best_key(metrics: dict[str, Any]) -> float:
     return -float(metrics[BEST_METRIC])
 
@@ -118,7 +122,7 @@ def restore_newest_good(
             log(f"skipping checkpoint step {step}: its state does not load ({type(e).__name__}: {_first_line(e)})")
             continue
         return step, state, record
-    raise CheckpointError(f"{mngr.directory}: no checkpoint loads" + (f" (tried steps {steps})" if steps else ""))
+    raise NoGoodCheckpoint(f"{mngr.directory}: no checkpoint loads" + (f" (tried steps {steps})" if steps else ""))
 
 
 def _first_line(e: BaseException) -> str:

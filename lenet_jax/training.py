@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training.train_state import TrainState
-from tqdm.auto import tqdm
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from lenet_jax import checkpoint as ckpt
 from lenet_jax import hessian
@@ -274,9 +274,7 @@ def _resume(
             return state, history, position
         try:
             _, state_p, record = ckpt.restore_newest_good(partial, lambda record: template, check=check, log=log)
-        except ckpt.CheckpointError as e:
-            if "cannot resume" in str(e):
-                raise
+        except ckpt.NoGoodCheckpoint:
             ckpt.clear(partial)
             return state, history, position
         p = record["partial"]
