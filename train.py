@@ -23,10 +23,22 @@ HELP = {
     "map_j": "the constant j of the MAP criterion (not given in the paper)",
     "init_scale": "weights start uniform in +-s/F**x, F the fan-in: this is s (the paper: 2.4)",
     "init_exponent": "... and this is x (the paper: 1, with which SDLM diverges here; see README)",
+    "activation": "squashing function: scaled_tanh (the paper's 1.7159 tanh(2a/3)), relu or selu",
+    "subsampling": "S2/S4: trainable (the paper's window sum x coefficient + bias), average or max",
+    "c3": "C3's connections: table (the paper's table I) or dense (every S2 map)",
+    "conv": "C3/C5 convolutions: plain or separable (depthwise-separable)",
+    "dropout": "dropout rate on the C5 and F6 outputs during training (0: none, the paper)",
+    "distort": "train on random affine distortions of the training images (the paper's 0.8%% result)",
+    "distort_translate": "largest horizontal/vertical shift, in pixels",
+    "distort_scale": "scale factor drawn from 1 +- this",
+    "distort_squeeze": "horizontal factor q drawn from 1 +- this, vertical 1/q",
+    "distort_shear": "horizontal shear x += k*y, k drawn from +- this",
+    "distort_probability": "share of training patterns distorted (the paper's 540,000 of 600,000: 0.9)",
     "optimizer": f"{', '.join(OPTIMIZERS)}; sdlm is the paper's stochastic diagonal Levenberg-Marquardt",
     "lr": "starting global step (default per optimizer: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
     "schedule": f"step schedule over passes ({', '.join(SCHEDULES)}); paper: x1, x0.4 from pass 3, x0.2 from 6, x0.1 from 9, x0.02 from 13",
     "momentum": "momentum of --optimizer momentum",
+    "weight_decay": "L2 weight decay on the weights (not the biases), added to the gradient",
     "mu": "SDLM's mu in eta / (mu + h)",
     "hessian_estimator": "SDLM's Hessian-diagonal estimate: paper, gauss_newton or hutchinson",
     "hessian_samples": "patterns the Hessian estimate averages over before each pass",
@@ -59,7 +71,11 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         kind = OPTIONAL_TYPES.get(f.name, type(f.default))
         default = f.default if defaults else argparse.SUPPRESS
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, help=HELP[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=HELP[f.name])
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=HELP[f.name])
     parser.add_argument("--workdir", type=Path, help="where checkpoints, metrics.jsonl and config.json go (default runs/<date-time>)")
     parser.add_argument(
         "--resume",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,24 +114,149 @@ def format_report(report: dict[str, Any]) -> str:
         "      " + "".join(f"{d:>6d}" for d in range(10)),
     ]
     lines += [f"{d:>6d}" + "".join(f"{v:>6d}" for v in row) for d, row in enumerate(report["confusion"])]
+    lines += [f"figure: {f}" for f in report.get("figures", [])]
     return "\n".join(lines)
 
 
-def run_evaluation(path: Path, which: str = "best", as_json: bool = False, data_overrides: dict[str, Any] | None = None) -> int:
-    """Evaluate a saved checkpoint on its dataset's test split."""
+@dataclass
+class LoadedModel:
+    """A model to evaluate or predict with: a run's checkpoint or the shipped one."""
+
+    params: Any
+    apply_fn: Callable
+    config: Config
+    epoch: int
+    history: list[dict[str, Any]]
+    name: str
+
+
+def load_model(path: Path | None, which: str = "best") -> LoadedModel:
+    """The checkpoint of run/checkpoints folder ``path`` (epoch ``which``), or the
+    pretrained model shipped with the package when ``path`` is None."""
+    from lenet_jax import pretrained
+    from lenet_jax.training import make_model, restore_run
+
+    if path is None:
+        params, config, meta = pretrained.load()
+        return LoadedModel(params, make_model(config).apply, config, meta["epoch"], meta.get("history", []),
+                           f"pretrained {pretrained.PRETRAINED.name}")
+    state, config, record = restore_run(path, which, log=lambda m: print(m, file=sys.stderr))
+    return LoadedModel(state.params, state.apply_fn, config, int(record["epoch"]), record.get("history", []), str(path))
+
+
+def summary_rows(config: Config) -> list[dict[str, Any]]:
+    """The layer table of the model ``config`` describes, computed from the model."""
+    import jax
+
+    from lenet_jax.model import init_params, layer_table
+    from lenet_jax.training import make_model
+
+    model = make_model(config)
+    return layer_table(init_params(model, jax.random.key(0)), model.c3_table)
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """The rows as the paper's table: layer, output shape, parameters, connections, totals."""
+    lines = [f"{'layer':<18}{'output':>14}{'parameters':>12}{'connections':>13}"]
+    for r in rows:
+        shape = "x".join(map(str, r["output"]))
+        lines.append(f"{r['layer']:<18}{shape:>14}{r['parameters']:>12,}{r['connections']:>13,}")
+    lines.append(f"{'total':<18}{'':>14}{sum(r['parameters'] for r in rows):>12,}{sum(r['connections'] for r in rows):>13,}")
+    return "\n".join(lines)
+
+
+def run_summary(path: Path | None, which: str = "best", as_json: bool = False) -> int:
+    """Print the layer table of a run's model (the pretrained one's without ``path``)."""
 
     def go() -> int:
-        from lenet_jax.training import evaluate, restore_run
+        if path is None:
+            from lenet_jax import pretrained
 
-        state, config, record = restore_run(path, which, log=lambda m: print(m, file=sys.stderr))
-        config = config.replace(**{k: v for k, v in (data_overrides or {}).items() if v is not None})
+            config = pretrained.load()[1]
+        else:
+            config = load_model(path, which).config
+        rows = summary_rows(config)
+        if as_json:
+            print(json.dumps([dict(r, output=list(r["output"])) for r in rows]))
+        else:
+            print(format_summary(rows))
+        return 0
+
+    return guarded(go)
+
+
+def run_prediction(path: Path | None, which: str, images: list[Path], as_json: bool = False) -> int:
+    """Predict the digit in each image; exit code 2 if any image could not be used."""
+
+    def go() -> int:
+        from lenet_jax.predict import format_prediction, image_paths, predict_images
+
+        paths = image_paths(images)
+        if not paths:
+            raise ValueError("--image: no image files found in " + ", ".join(map(str, images)))
+        loaded = load_model(path, which)
+        results = predict_images(loaded.params, loaded.apply_fn, loaded.config.objective, paths)
+        for r in results:
+            if as_json:
+                print(json.dumps(r.to_dict()))
+            elif r.error is None:
+                print(format_prediction(r))
+            else:
+                print(format_prediction(r), file=sys.stderr)
+        failed = sum(r.error is not None for r in results)
+        if failed:
+            print(f"error: {failed} of {len(results)} images could not be used", file=sys.stderr)
+        return 2 if failed else 0
+
+    return guarded(go)
+
+
+def write_figures(loaded: LoadedModel, dataset: Dataset, result: dict[str, Any], folder: Path) -> list[Path]:
+    """The PNG figures of a model: error curves (from its history), confusion matrix,
+    misclassified test digits, RBF bitmaps (RBF head) and C1/C3 maps of one test digit."""
+    import jax
+    import jax.numpy as jnp
+
+    from lenet_jax import plots
+    from lenet_jax.data import preprocess
+
+    check_workdir(folder)
+    written = []
+    if loaded.history:
+        written.append(plots.error_curves({loaded.config.dataset: loaded.history}, folder / "error_curves.png"))
+    written.append(plots.confusion_matrix(result["confusion"], folder / "confusion.png"))
+    written.append(plots.misclassified(dataset.test_images, dataset.test_labels, result["predictions"], folder / "misclassified.png"))
+    if loaded.config.head == "rbf":
+        written.append(plots.rbf_bitmaps(folder / "rbf_bitmaps.png"))
+    digit = dataset.test_images[0]
+    acts = loaded.apply_fn({"params": loaded.params}, preprocess(jnp.asarray(digit[None])), method="activations")
+    written.append(plots.feature_maps(digit, [a[0] for a in jax.device_get(acts)], folder / "feature_maps.png"))
+    return written
+
+
+def run_evaluation(
+    path: Path | None,
+    which: str = "best",
+    as_json: bool = False,
+    data_overrides: dict[str, Any] | None = None,
+    figures: Path | None = None,
+) -> int:
+    """Evaluate a saved checkpoint (the pretrained model without ``path``) on its
+    dataset's test split; with ``figures``, write the PNG figures there too."""
+
+    def go() -> int:
+        from lenet_jax.training import evaluate
+
+        loaded = load_model(path, which)
+        config = loaded.config.replace(**{k: v for k, v in (data_overrides or {}).items() if v is not None})
         dataset = load_data(config, log=lambda m: print(m, file=sys.stderr))
-        r = evaluate(state.params, state.apply_fn, dataset.test_images, dataset.test_labels, config.objective, config.eval_batch_size)
+        r = evaluate(loaded.params, loaded.apply_fn, dataset.test_images, dataset.test_labels, config.objective, config.eval_batch_size)
         confusion = r["confusion"]
         per_class = 1.0 - np.diag(confusion) / np.maximum(confusion.sum(1), 1)
         report = {
-            "checkpoint": str(path),
-            "checkpoint_step": int(record["epoch"]),
+            "checkpoint": loaded.name,
+            "checkpoint_step": loaded.epoch,
+            "dataset": config.dataset,
             "test_error": r["error"],
             "test_loss": r["loss"],
             "test_errors": r["errors"],
@@ -138,6 +264,8 @@ def run_evaluation(path: Path, which: str = "best", as_json: bool = False, data_
             "per_class_error": [float(e) for e in per_class],
             "confusion": confusion.tolist(),
         }
+        if figures is not None:
+            report["figures"] = [str(p) for p in write_figures(loaded, dataset, r, figures)]
         print(json.dumps(report) if as_json else format_report(report))
         return 0
 

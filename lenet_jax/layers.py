@@ -68,6 +68,35 @@ class ScaledTanh(nn.Module):
     def __call__(self, a: jax.Array) -> jax.Array:
         return self.amplitude * jnp.tanh(self.slope * a)
 
+    def derivative_from_output(self, x: jax.Array) -> jax.Array:
+        return squash_slope_from_output(x, self.amplitude, self.slope)
+
+
+class ReLU(nn.Module):
+    """The modern replacement of the squashing function: max(a, 0)."""
+
+    def __call__(self, a: jax.Array) -> jax.Array:
+        return jax.nn.relu(a)
+
+    def derivative_from_output(self, x: jax.Array) -> jax.Array:
+        return (x > 0).astype(x.dtype)
+
+
+class SELU(nn.Module):
+    """Scaled exponential linear unit (Klambauer et al., 2017)."""
+
+    def __call__(self, a: jax.Array) -> jax.Array:
+        return jax.nn.selu(a)
+
+    def derivative_from_output(self, x: jax.Array) -> jax.Array:
+        lam, alpha = 1.0507009873554805, 1.6732632423543772
+        return jnp.where(x > 0, lam, x + lam * alpha)
+
+
+ACTIVATIONS = {"scaled_tanh": ScaledTanh, "relu": ReLU, "selu": SELU}
+"""Each has ``derivative_from_output``: the slope f'(a) written in terms of f(a), which
+the paper's curvature pass needs."""
+
 
 class TrainableSubsampling(nn.Module):
     """S2 and S4: each non-overlapping window summed, times a trainable coefficient, plus a
@@ -88,6 +117,44 @@ class TrainableSubsampling(nn.Module):
         bias = self.param("bias", init, (c,))
         sums = x.reshape(*lead, h // k, k, w // k, k, c).sum(axis=(-4, -2))
         return sums * coefficient + bias
+
+
+class FixedSubsampling(nn.Module):
+    """The modern, parameter-free subsampling: the mean ("average") or the maximum ("max")
+    of each non-overlapping window.
+
+    ``squared=True`` is the counterpart the paper's curvature pass applies to squared
+    inputs: the average with squared weights (1/16 for 2x2), and for the max the input
+    where the true input ``reference`` peaks, with weight 1 (1/n^2 each for n tied maxima,
+    which share the gradient equally under autodiff).
+    """
+
+    kind: str = "average"
+    window: int = 2
+
+    def __call__(self, x: jax.Array, squared: bool = False, reference: jax.Array | None = None) -> jax.Array:
+        *lead, h, w, c = x.shape
+        k = self.window
+        if h % k or w % k:
+            raise ValueError(f"subsampling window {k} does not tile a {h}x{w} map")
+
+        def windows(a: jax.Array) -> jax.Array:  # (..., h/k, w/k, c, k*k)
+            a = a.reshape(*lead, h // k, k, w // k, k, c)
+            return jnp.moveaxis(a, (-4, -2), (-2, -1)).reshape(*lead, h // k, w // k, c, k * k)
+
+        if self.kind == "max":
+            if not squared:
+                return windows(x).max(axis=-1)
+            if reference is None:
+                raise ValueError("the squared form of max subsampling needs the true input as reference")
+            ref = windows(reference)
+            tied = (ref == ref.max(axis=-1, keepdims=True)).astype(x.dtype)
+            weight = tied / jnp.sum(tied, axis=-1, keepdims=True)  # what autodiff gives each of n tied maxima
+            return jnp.sum(windows(x) * jnp.square(weight), axis=-1)
+        if self.kind != "average":
+            raise ValueError(f"unknown subsampling {self.kind!r}")
+        weight = 1.0 / (k * k)
+        return windows(x).sum(axis=-1) * (weight * weight if squared else weight)
 
 
 class MaskedConv(nn.Module):
@@ -152,6 +219,35 @@ def valid_conv(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
         x.reshape((-1, h, w, c)), kernel, window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     return y.reshape(lead + y.shape[1:])
+
+
+class SeparableConv(nn.Module):
+    """A depthwise-separable 'VALID' convolution: one k x k kernel per input map, then a
+    1x1 convolution (its connections masked by ``table`` like ``MaskedConv``): the modern
+    counterpart of C3 and C5. Both parts are linear, so the paper's curvature pass treats
+    them as two layers with no squashing in between."""
+
+    features: int
+    kernel_size: int = 5
+    table: tuple[tuple[int, ...], ...] | None = None
+    init_exponent: float = 1.0
+    init_scale: float = INIT_SCALE
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, c = self.kernel_size, x.shape[-1]
+        h, w = x.shape[-3:-1]
+        depthwise = self.param("depthwise", fan_in_uniform(k * k, self.init_exponent, self.init_scale), (k, k, c))
+        ho, wo = h - k + 1, w - k + 1
+        y = sum(x[..., i : i + ho, j : j + wo, :] * depthwise[i, j] for i in range(k) for j in range(k))
+        mask = np.ones((c, self.features), np.float32) if self.table is None else connection_mask(self.table, c)
+        if mask.shape[1] != self.features:
+            raise ValueError(f"connection table has {mask.shape[1]} rows for {self.features} maps")
+        fan_in = mask.sum(axis=0)
+        init = fan_in_uniform(fan_in, self.init_exponent, self.init_scale)
+        pointwise = self.param("pointwise", lambda key, shape: init(key, shape) * mask, (c, self.features))
+        bias = self.param("bias", init, (self.features,))
+        return y @ (pointwise * mask) + bias
 
 
 class FullConnection(nn.Module):

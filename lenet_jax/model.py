@@ -16,17 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from lenet_jax.layers import (
+    ACTIVATIONS,
     C3_TABLE,
     INIT_SCALE,
     EuclideanRBF,
+    FixedSubsampling,
     FullConnection,
     MaskedConv,
-    ScaledTanh,
+    SeparableConv,
     TrainableSubsampling,
-    squash_slope_from_output,
 )
 
 HEADS = ("rbf", "softmax")
+SUBSAMPLINGS = ("trainable", "average", "max")
+C3_KINDS = ("table", "dense")
+CONVS = ("plain", "separable")
 STAGES = ("C1", "S2", "C3", "S4", "C5", "F6")
 """The trainable layers in order; each is followed by the squashing function."""
 
@@ -42,60 +46,97 @@ class LeNet5(nn.Module):
     F the fan-in (2.4 and 1: the paper).
     conv_impl: how C1, C3 and C5 are computed ("patches" or "xla", the same function;
     see ``lenet_jax.layers.valid_conv``).
+
+    The modern counterparts of the paper's components, one switch each (the defaults are
+    the paper's): ``activation`` ("scaled_tanh", "relu", "selu"), ``subsampling``
+    ("trainable", "average", "max"), ``c3`` ("table": table I, "dense": every S2 map),
+    ``conv`` ("plain", "separable": depthwise-separable C3 and C5; C1 reads one map,
+    where a separable convolution degenerates) and ``dropout`` (the rate on the C5 and
+    F6 outputs during training).
     """
 
     head: str = "rbf"
     init_exponent: float = 1.0
     init_scale: float = INIT_SCALE
     conv_impl: str = "patches"
+    activation: str = "scaled_tanh"
+    subsampling: str = "trainable"
+    c3: str = "table"
+    conv: str = "plain"
+    dropout: float = 0.0
+
+    @property
+    def c3_table(self) -> tuple[tuple[int, ...], ...] | None:
+        """C3's connection table, None when C3 is dense."""
+        return C3_TABLE if self.c3 == "table" else None
 
     def setup(self) -> None:
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
+        for name, allowed in (("head", HEADS), ("activation", tuple(ACTIVATIONS)), ("subsampling", SUBSAMPLINGS),
+                              ("c3", C3_KINDS), ("conv", CONVS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"the dropout rate must be in [0, 1), got {self.dropout}")
         e, s = self.init_exponent, self.init_scale
         self.C1 = MaskedConv(features=6, init_exponent=e, init_scale=s, impl=self.conv_impl)
-        self.S2 = TrainableSubsampling(init_exponent=e, init_scale=s)
-        self.C3 = MaskedConv(features=16, table=C3_TABLE, init_exponent=e, init_scale=s, impl=self.conv_impl)
-        self.S4 = TrainableSubsampling(init_exponent=e, init_scale=s)
-        self.C5 = MaskedConv(features=120, init_exponent=e, init_scale=s, impl=self.conv_impl)
+        self.S2 = self._subsampling()
+        if self.conv == "separable":
+            self.C3 = SeparableConv(features=16, table=self.c3_table, init_exponent=e, init_scale=s)
+            self.C5 = SeparableConv(features=120, init_exponent=e, init_scale=s)
+        else:
+            self.C3 = MaskedConv(features=16, table=self.c3_table, init_exponent=e, init_scale=s, impl=self.conv_impl)
+            self.C5 = MaskedConv(features=120, init_exponent=e, init_scale=s, impl=self.conv_impl)
+        self.S4 = self._subsampling()
         self.F6 = FullConnection(features=84, init_exponent=e, init_scale=s)
-        self.squash = ScaledTanh()
+        self.squash = ACTIVATIONS[self.activation]()
+        self.drop = nn.Dropout(rate=self.dropout)
         if self.head == "softmax":
             self.output = FullConnection(features=10, init_exponent=e, init_scale=s)
         else:
             self.rbf = EuclideanRBF()
 
+    def _subsampling(self) -> nn.Module:
+        if self.subsampling == "trainable":
+            return TrainableSubsampling(init_exponent=self.init_exponent, init_scale=self.init_scale)
+        return FixedSubsampling(kind=self.subsampling)
+
     def _stages(self) -> list[nn.Module]:
         return [getattr(self, name) for name in STAGES]
 
-    def _apply_stage(self, stage: nn.Module, x: jax.Array) -> jax.Array:
+    def _apply_stage(self, stage: nn.Module, x: jax.Array, squared: bool = False, reference: jax.Array | None = None) -> jax.Array:
         if stage is self.F6:
             x = x.reshape(x.shape[:-3] + (-1,))  # C5's 1x1x120 maps as a vector
+        if isinstance(stage, FixedSubsampling):
+            return stage(x, squared=squared, reference=reference)
         return stage(x)
 
-    def activations(self, x: jax.Array) -> list[jax.Array]:
-        """The squashed output of every stage C1..F6, in order."""
+    def activations(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+        """The squashed output of every stage C1..F6, in order (with dropout on C5 and F6
+        when ``train``)."""
         outs = []
-        for stage in self._stages():
+        for name, stage in zip(STAGES, self._stages()):
             x = self.squash(self._apply_stage(stage, x))
+            if self.dropout and name in ("C5", "F6"):
+                x = self.drop(x, deterministic=not train)
             outs.append(x)
         return outs
 
-    def trace(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    def trace(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
         """The network output and the squashed output of every stage on the way."""
-        acts = self.activations(x)
+        acts = self.activations(x, train)
         return (self.output(acts[-1]) if self.head == "softmax" else acts[-1]), acts
 
-    def outputs(self, x: jax.Array) -> jax.Array:
+    def outputs(self, x: jax.Array, train: bool = False) -> jax.Array:
         """What the loss reads: squashed F6 (RBF head) or the logits (softmax head)."""
-        return self.trace(x)[0]
+        return self.trace(x, train)[0]
 
     def scores(self, outputs: jax.Array) -> jax.Array:
         """Class scores from ``outputs``: RBF penalties, or the logits unchanged."""
         return outputs if self.head == "softmax" else self.rbf(outputs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.scores(self.outputs(x))
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Class scores; ``train`` turns dropout on (it needs a "dropout" rng)."""
+        return self.scores(self.outputs(x, train))
 
     def squared_network(self, x_squared: jax.Array, activations: list[jax.Array]) -> jax.Array:
         """A linear surrogate whose vector-Jacobian product is the paper's diagonal
@@ -110,26 +151,27 @@ class LeNet5(nn.Module):
         backward pass. ``activations`` are those of the real forward pass on x.
         """
         u = x_squared
-        for stage, act in zip(self._stages(), activations):
-            a = self._apply_stage(stage, u)
-            gain = jnp.square(squash_slope_from_output(act, self.squash.amplitude, self.squash.slope))
+        for i, (stage, act) in enumerate(zip(self._stages(), activations)):
+            a = self._apply_stage(stage, u, squared=True, reference=activations[i - 1] if i else None)
+            gain = jnp.square(self.squash.derivative_from_output(act))
             u = jax.lax.stop_gradient(jnp.square(act)) + jax.lax.stop_gradient(gain) * (a - jax.lax.stop_gradient(a))
         return self.output(u) if self.head == "softmax" else u
 
 
-def layer_table(params: Params) -> list[dict[str, Any]]:
+def layer_table(params: Params, c3_table: tuple[tuple[int, ...], ...] | None = C3_TABLE) -> list[dict[str, Any]]:
     """Per trainable layer: name, output shape, trainable parameters, connections.
 
-    Counts follow the paper: masked C3 kernel entries are not parameters; a connection is
-    one multiply-add (or, in S2/S4, one input to a window sum, plus the bias).
+    Counts follow the paper: C3 kernel entries that ``c3_table`` disconnects are not
+    parameters; a connection is one multiply-add (or, in S2/S4, one input to a window
+    sum, plus the bias when the subsampling is trainable).
     """
     shapes = {"C1": (28, 28, 6), "S2": (14, 14, 6), "C3": (10, 10, 16), "S4": (5, 5, 16), "C5": (1, 1, 120), "F6": (84,)}
     rows = []
     for name in STAGES:
-        n = count_parameters({name: params[name]})
+        n = count_parameters({name: params[name]}, c3_table) if name in params else 0
         positions = int(np.prod(shapes[name][:-1])) if len(shapes[name]) > 1 else 1
         if name.startswith("S"):
-            connections = positions * shapes[name][-1] * 5
+            connections = positions * shapes[name][-1] * (5 if n else 4)
         else:
             connections = positions * n
         rows.append({"layer": name, "output": shapes[name], "parameters": n, "connections": connections})
@@ -141,14 +183,15 @@ def layer_table(params: Params) -> list[dict[str, Any]]:
     return rows
 
 
-def count_parameters(params: Params) -> int:
-    """Trainable parameters, not counting C3 kernel entries that its table disconnects."""
+def count_parameters(params: Params, c3_table: tuple[tuple[int, ...], ...] | None = C3_TABLE) -> int:
+    """Trainable parameters, not counting C3 kernel entries that ``c3_table`` disconnects
+    (pass None for a dense C3)."""
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = [getattr(k, "key", None) for k in path]
-        if "C3" in keys and keys[-1] == "kernel":
-            mask = MaskedConv(features=16, table=C3_TABLE).mask(leaf.shape[2])
-            total += int(mask.sum()) * leaf.shape[0] * leaf.shape[1]
+        if c3_table is not None and "C3" in keys and keys[-1] in ("kernel", "pointwise"):
+            mask = MaskedConv(features=16, table=c3_table).mask(leaf.shape[-2])
+            total += int(mask.sum()) * int(np.prod(leaf.shape[:-2]))
         else:
             total += int(np.prod(leaf.shape))
     return total

@@ -58,3 +58,60 @@ def rbf_bitmaps(path: Path | str) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     return _save(fig, path)
+
+
+def confusion_matrix(confusion: Any, path: Path | str, title: str = "") -> Path:
+    """The 10x10 confusion matrix (rows: true class), counts written in the cells."""
+    import numpy as np
+
+    plt = _pyplot()
+    confusion = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=120)
+    off = confusion.astype(float).copy()
+    np.fill_diagonal(off, np.nan)
+    ax.imshow(off, cmap="Reds")
+    dark = 0.6 * np.nanmax(off) if np.isfinite(np.nanmax(off)) and np.nanmax(off) > 0 else np.inf
+    for (i, j), v in np.ndenumerate(confusion):
+        colour = "tab:blue" if i == j else ("white" if v >= dark else "black")
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"confusion matrix: {confusion.trace()} of {confusion.sum()} right")
+    return _save(fig, path)
+
+
+def misclassified(images: Any, labels: Any, predictions: Any, path: Path | str, columns: int = 12, limit: int = 120) -> Path:
+    """The misclassified digits in a grid, each titled 'true->predicted' (the paper's Fig. 8)."""
+    import numpy as np
+
+    plt = _pyplot()
+    wrong = np.nonzero(np.asarray(labels) != np.asarray(predictions))[0][:limit]
+    rows = max(1, -(-len(wrong) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 0.75, rows * 0.9), dpi=120, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), wrong):
+        ax.imshow(np.asarray(images[i]), cmap="gray_r", interpolation="nearest")
+        ax.set_title(f"{labels[i]}->{predictions[i]}", fontsize=7)
+    fig.suptitle(f"{len(wrong)} misclassified test digits (true->predicted)", fontsize=9)
+    return _save(fig, path)
+
+
+def feature_maps(image: Any, activations: Sequence[Any], path: Path | str) -> Path:
+    """One digit, its six C1 maps and its sixteen C3 maps (after squashing)."""
+    import numpy as np
+
+    plt = _pyplot()
+    c1, c3 = np.asarray(activations[0]), np.asarray(activations[2])
+    fig = plt.figure(figsize=(9, 4), dpi=120)
+    grid = fig.add_gridspec(4, 10)
+    panels = [(fig.add_subplot(grid[0:2, 0:2]), np.asarray(image), "input")]
+    panels += [(fig.add_subplot(grid[2 * (k // 3) : 2 * (k // 3) + 2, 2 + k % 3]), c1[..., k], f"C1.{k}") for k in range(6)]
+    panels += [(fig.add_subplot(grid[k // 4, 6 + k % 4]), c3[..., k], f"C3.{k}") for k in range(16)]
+    for ax, picture, title in panels:
+        ax.imshow(picture, cmap="gray_r", interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+    return _save(fig, path)

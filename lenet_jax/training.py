@@ -27,6 +27,7 @@ from lenet_jax import checkpoint as ckpt
 from lenet_jax import hessian
 from lenet_jax.config import Config
 from lenet_jax.data import Dataset, preprocess, split_validation
+from lenet_jax.distort import Distortion, distort_batch
 from lenet_jax.losses import Objective
 from lenet_jax.model import LeNet5, count_parameters, init_params
 from lenet_jax.parallel import choose_devices, data_mesh, is_primary, put_replicated, split_batch
@@ -51,12 +52,17 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransf
     """SDLM (the paper), plain SGD, SGD with momentum or Adam, on the configured schedule."""
     schedule = make_schedule(config, steps_per_epoch)
     if config.optimizer == "sdlm":
-        return sdlm(schedule, mu=config.mu)
-    if config.optimizer == "sgd":
-        return optax.sgd(schedule)
-    if config.optimizer == "momentum":
-        return optax.sgd(schedule, momentum=config.momentum)
-    return optax.adam(schedule)
+        tx = sdlm(schedule, mu=config.mu)
+    elif config.optimizer == "sgd":
+        tx = optax.sgd(schedule)
+    elif config.optimizer == "momentum":
+        tx = optax.sgd(schedule, momentum=config.momentum)
+    else:
+        tx = optax.adam(schedule)
+    if config.weight_decay:
+        weights_only = lambda params: jax.tree.map_with_path(lambda path, _: path[-1].key != "bias", params)  # noqa: E731
+        tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=weights_only), tx)
+    return tx
 
 
 def make_model(config: Config) -> LeNet5:
@@ -64,7 +70,10 @@ def make_model(config: Config) -> LeNet5:
     impl = config.conv_impl
     if impl == "auto":
         impl = "patches" if jax.default_backend() == "cpu" else "xla"
-    return LeNet5(head=config.head, init_exponent=config.init_exponent, init_scale=config.init_scale, conv_impl=impl)
+    return LeNet5(
+        head=config.head, init_exponent=config.init_exponent, init_scale=config.init_scale, conv_impl=impl,
+        activation=config.activation, subsampling=config.subsampling, c3=config.c3, conv=config.conv, dropout=config.dropout,
+    )
 
 
 def create_state(config: Config, steps_per_epoch: int) -> TrainState:
@@ -82,31 +91,57 @@ def epoch_key(seed: int, epoch: int, purpose: int) -> jax.Array:
 # --------------------------------------------------------------------------- pure steps
 
 
-def loss_fn(params: Any, apply_fn: Callable, objective: Objective, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean loss of a batch, and its number of errors (the on-the-fly training error)."""
-    scores = apply_fn({"params": params}, x)
+def loss_fn(
+    params: Any, apply_fn: Callable, objective: Objective, x: jax.Array, y: jax.Array, key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Mean loss of a batch, and its number of errors (the on-the-fly training error).
+    With a ``key`` the model runs in training mode (dropout on, when it has any)."""
+    if key is None:
+        scores = apply_fn({"params": params}, x)
+    else:
+        scores = apply_fn({"params": params}, x, train=True, rngs={"dropout": key})
     errors = jnp.sum(objective.predict(scores) != y)
     return jnp.mean(objective.per_sample(scores, y)), errors
 
 
-def train_step(state: TrainState, x: jax.Array, y: jax.Array, objective: Objective) -> tuple[TrainState, Metrics]:
-    """One update on a preprocessed batch."""
-    (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.apply_fn, objective, x, y)
+def train_step(
+    state: TrainState, x: jax.Array, y: jax.Array, objective: Objective, key: jax.Array | None = None
+) -> tuple[TrainState, Metrics]:
+    """One update on a preprocessed batch; ``key`` drives dropout."""
+    (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.apply_fn, objective, x, y, key)
     state = state.apply_gradients(grads=grads)
     return state, {"loss": loss * y.shape[0], "errors": errors, "finite": jnp.isfinite(loss)}
 
 
-@functools.partial(jax.jit, static_argnames=("objective", "mesh"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("objective", "mesh", "augment"), donate_argnames=("state",))
 def train_chunk(
-    state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array, objective: Objective, mesh: Mesh | None = None
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    batches: jax.Array,
+    objective: Objective,
+    mesh: Mesh | None = None,
+    key: jax.Array | None = None,
+    augment: Distortion | None = None,
 ) -> tuple[TrainState, Metrics]:
     """Scan ``train_step`` over rows of ``batches`` (indices into the uint8 ``images``),
-    each batch split over ``mesh`` when one is given (data parallelism)."""
+    each batch split over ``mesh`` when one is given (data parallelism).
+
+    With a ``key``, each update's randomness (dropout, and the distortion ``augment`` of
+    its batch) is drawn from ``key`` folded with the optimiser step, so a resumed run
+    draws exactly what an uninterrupted one would."""
 
     def body(carry, idx):
         state, totals = carry
-        x, y = split_batch(preprocess(images[idx]), mesh), split_batch(labels[idx], mesh)
-        state, m = train_step(state, x, y, objective)
+        x = preprocess(images[idx])
+        step_key = None if key is None else jax.random.fold_in(key, state.step)
+        if augment is not None:
+            if step_key is None:
+                raise ValueError("distorting the training batches needs a key")
+            step_key, distort_key = jax.random.split(step_key)
+            x = distort_batch(distort_key, x, augment)
+        x, y = split_batch(x, mesh), split_batch(labels[idx], mesh)
+        state, m = train_step(state, x, y, objective, step_key)
         totals = {
             "loss": totals["loss"] + m["loss"],
             "errors": totals["errors"] + m["errors"],
@@ -353,7 +388,7 @@ def _train(
     epochs_mngr, partial_mngr = managers
     n, bs = len(labels), config.batch_size
     steps = n // bs
-    parameters = count_parameters(state.params)
+    parameters = count_parameters(state.params, make_model(config).c3_table)
     state = put_replicated(state, mesh)
     d_images, d_labels = put_replicated(images, mesh), put_replicated(labels, mesh)
     objective = config.objective
@@ -363,6 +398,7 @@ def _train(
         f"on {mesh.size} {jax.devices()[0].platform} device(s)" + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
     )
     chunk_len = math.ceil(steps / min(config.chunks, steps))
+    step_keys = jax.random.fold_in(jax.random.key(config.seed), 2)
     for epoch in range(start.epoch, config.epochs + 1):
         so_far = start if epoch == start.epoch else Position(epoch)
         t0 = time.perf_counter()
@@ -373,7 +409,7 @@ def _train(
         bar = tqdm(total=steps * bs, initial=so_far.update * bs, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress, leave=False)
         for c in range(so_far.update, steps, chunk_len):
             chunk = batches[c : c + chunk_len]
-            state, m = train_chunk(state, d_images, d_labels, chunk, objective, mesh)
+            state, m = train_chunk(state, d_images, d_labels, chunk, objective, mesh, step_keys, config.distortion)
             m = _wait(m)
             done = c + chunk.shape[0]
             if not bool(m["finite"]):

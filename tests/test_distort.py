@@ -1,0 +1,101 @@
+"""Affine distortions: the warp is exact where it can be checked, the draws stay in their
+ranges, and distorted training runs inside the compiled epoch, reproducibly."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lenet_jax.config import Config
+from lenet_jax.data import BACKGROUND, preprocess
+from lenet_jax.distort import Distortion, distort_batch, random_affine, warp
+from lenet_jax.training import create_state, fit, train_chunk
+
+from test_training import QUIET, run, small
+
+
+def test_identity_warp_returns_the_image(digits):
+    x = digits[0][0]
+    np.testing.assert_allclose(warp(x, jnp.eye(2), jnp.zeros(2)), x, atol=1e-6)
+
+
+def test_integer_translation_moves_pixels_and_fills_with_background(digits):
+    x = np.asarray(digits[0][0])
+    got = np.asarray(warp(jnp.asarray(x), jnp.eye(2), jnp.array([2.0, -3.0])))
+    np.testing.assert_allclose(got[2:, :-3], x[:-2, 3:], atol=1e-6)  # down 2, left 3
+    np.testing.assert_allclose(got[:2], BACKGROUND, atol=1e-6)
+    np.testing.assert_allclose(got[:, -3:], BACKGROUND, atol=1e-6)
+
+
+def test_scaling_about_the_centre_keeps_the_centre_pixel(digits):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(33, 33, 1)).astype(np.float32))
+    got = warp(x, 1.3 * jnp.eye(2), jnp.zeros(2))
+    assert float(got[16, 16, 0]) == pytest.approx(float(x[16, 16, 0]), abs=1e-5)
+
+
+def test_draws_stay_within_their_ranges():
+    d = Distortion(translate=2.0, scale=0.1, squeeze=0.2, shear=0.3)
+    matrices, shifts = jax.vmap(lambda k: random_affine(k, d))(jax.random.split(jax.random.key(0), 2000))
+    matrices, shifts = np.asarray(matrices), np.asarray(shifts)
+    assert np.abs(shifts).max() <= 2.0 and np.abs(shifts).max() > 1.9
+    s_over_q, s_times_q = matrices[:, 0, 0], matrices[:, 1, 1]
+    scale, squeeze = np.sqrt(s_over_q * s_times_q), np.sqrt(s_times_q / s_over_q)
+    assert 0.9 - 1e-6 <= scale.min() and scale.max() <= 1.1 + 1e-6
+    assert 0.8 - 1e-6 <= squeeze.min() and squeeze.max() <= 1.2 + 1e-6
+    shear = matrices[:, 1, 0] / s_over_q
+    assert np.abs(shear).max() <= 0.3 + 1e-6 and np.abs(shear).max() > 0.28
+    np.testing.assert_allclose(matrices[:, 0, 1], 0.0)
+
+
+def test_probability_decides_how_many_are_distorted(digits):
+    x = jnp.repeat(digits[0][:1], 400, axis=0)
+    never = distort_batch(jax.random.key(0), x, Distortion(probability=0.0))
+    np.testing.assert_array_equal(never, x)
+    some = distort_batch(jax.random.key(0), x, Distortion(probability=0.9))
+    changed = np.mean(np.any(np.abs(np.asarray(some - x)) > 1e-4, axis=(1, 2, 3)))
+    assert 0.85 < changed < 0.95
+
+
+def test_distorted_training_differs_and_is_reproducible(mnist):
+    config = Config(epochs=1, train_subset=64)
+    images, labels = jnp.asarray(mnist.train_images[:64]), jnp.asarray(mnist.train_labels[:64])
+    batches = jnp.arange(64).reshape(64, 1)
+    key = jax.random.key(5)
+
+    def train(augment):
+        state = create_state(config, 64)
+        return train_chunk(state, images, labels, batches, config.objective, None, key, augment)[0].params
+
+    plain, a, b = train(None), train(Distortion()), train(Distortion())
+    chex.assert_trees_all_equal(a, b)
+    assert not np.allclose(plain["F6"]["kernel"], a["F6"]["kernel"])
+
+
+def test_distorted_run_resumes_exactly(mnist, tmp_path):
+    data = small(mnist, 200, 100)
+    config = Config(epochs=2, train_subset=200, hessian_samples=20, distort=True, dropout=0.2)
+    straight = fit(config, data, tmp_path / "a", **QUIET)
+    fit(config.replace(epochs=1), data, tmp_path / "b", **QUIET)
+    resumed = fit(config, data, tmp_path / "b", resume=True, **QUIET)
+    chex.assert_trees_all_equal(straight.state.params, resumed.state.params)
+
+
+def test_distortion_preprocessing_is_on_the_padded_input(mnist):
+    x = preprocess(jnp.asarray(mnist.train_images[:2]))
+    assert distort_batch(jax.random.key(0), x, Distortion()).shape == (2, 32, 32, 1)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--distort-scale", "1.5"], "must be below 1"),
+        (["--distort-probability", "2"], "--distort-probability must be in [0, 1]"),
+        (["--distort-shear", "-0.1"], "--distort-shear must be 0 or more"),
+    ],
+)
+def test_bad_distortion_ranges_exit_2(args, message, tmp_path):
+    out = run("train.py", "--distort", *args, "--workdir", str(tmp_path / "r"))
+    assert out.returncode == 2 and out.stderr.strip().startswith("error:") and message in out.stderr, out.stderr
