@@ -199,3 +199,22 @@ def test_eval_writes_every_figure(tmp_path):
     for f in report["figures"]:
         data = Path(f).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_softmax_models_report_probabilities(mnist):
+    import jax
+
+    from lenet_jax.config import Config
+    from lenet_jax.model import init_params
+    from lenet_jax.predict import predict_digits
+    from lenet_jax.training import make_model
+
+    config = Config(head="softmax", loss="xent")
+    model = make_model(config)
+    params = init_params(model, jax.random.key(0))
+    classes, probs, margins, kind = predict_digits(params, model.apply, config.objective, mnist.test_images[:5])
+    assert kind == "probabilities"
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(classes, probs.argmax(-1))
+    top = np.sort(probs, -1)
+    np.testing.assert_allclose(margins, top[:, -1] - top[:, -2], rtol=1e-6)
