@@ -45,7 +45,7 @@ def run(script: str, *args: str) -> dict[str, Any]:
 
 def table(jax_r: dict[str, Any], torch_r: dict[str, Any]) -> str:
     lines = [
-        f"CPU: {cpu_name()} ({os.cpu_count()} cores); {jax_r['framework']} ({jax_r['backend']}, conv {jax_r['conv_impl']}) "
+        f"CPU: {cpu_name()} ({os.cpu_count()} cores); {jax_r['framework']} ({jax_r['backend']}, conv {jax_r['conv_impl']}, inference {jax_r.get('conv_impl_inference', jax_r['conv_impl'])}) "
         f"vs {torch_r['framework']} ({torch_r['threads']} threads); best of {jax_r['repeats']}, images/s",
         f"{'setting':44s} {'lenet-jax':>11s} {'PyTorch':>11s} {'ratio':>7s} {'target':>7s}",
     ]

@@ -138,10 +138,11 @@ def load_model(path: Path | None, which: str = "best") -> LoadedModel:
 
     if path is None:
         params, config, meta = pretrained.load()
-        return LoadedModel(params, make_model(config).apply, config, meta["epoch"], meta.get("history", []),
+        return LoadedModel(params, make_model(config, inference=True).apply, config, meta["epoch"], meta.get("history", []),
                            f"pretrained {pretrained.PRETRAINED.name}")
     state, config, record = restore_run(path, which, log=lambda m: print(m, file=sys.stderr))
-    return LoadedModel(state.params, state.apply_fn, config, int(record["epoch"]), record.get("history", []), str(path))
+    return LoadedModel(state.params, make_model(config, inference=True).apply, config, int(record["epoch"]),
+                       record.get("history", []), str(path))
 
 
 def summary_rows(config: Config) -> list[dict[str, Any]]:

@@ -137,3 +137,9 @@ def test_bad_variant_values_are_refused():
     with pytest.raises(ValueError, match="unknown activation"):
         init_params(LeNet5(activation="gelu"), jax.random.key(0))
 
+
+
+def test_auto_convolutions_resolve_by_use():
+    assert make_model(Config(), inference=True).conv_impl == "xla"
+    assert make_model(Config()).conv_impl == ("patches" if jax.default_backend() == "cpu" else "xla")
+    assert make_model(Config(conv_impl="patches"), inference=True).conv_impl == "patches"
