@@ -87,7 +87,8 @@ def misclassified(images: Any, labels: Any, predictions: Any, path: Path | str, 
     import numpy as np
 
     plt = _pyplot()
-    wrong = np.nonzero(np.asarray(labels) != np.asarray(predictions))[0][:limit]
+    all_wrong = np.nonzero(np.asarray(labels) != np.asarray(predictions))[0]
+    wrong = all_wrong[:limit]
     rows = max(1, -(-len(wrong) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 0.75, rows * 0.9), dpi=120, squeeze=False)
     for ax in axes.ravel():
@@ -95,7 +96,8 @@ def misclassified(images: Any, labels: Any, predictions: Any, path: Path | str, 
     for ax, i in zip(axes.ravel(), wrong):
         ax.imshow(np.asarray(images[i]), cmap="gray_r", interpolation="nearest")
         ax.set_title(f"{labels[i]}->{predictions[i]}", fontsize=7)
-    fig.suptitle(f"{len(wrong)} misclassified test digits (true->predicted)", fontsize=9)
+    shown = "" if len(wrong) == len(all_wrong) else f", the first {len(wrong)} shown"
+    fig.suptitle(f"{len(all_wrong)} misclassified test digits (true->predicted){shown}", fontsize=9)
     return _save(fig, path)
 
 
