@@ -25,26 +25,32 @@ from conftest import random_images
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
+    code, dtype = (0x0C, ">i4") if array.dtype == np.int32 else (0x08, np.uint8)
+    header = bytes([0, 0, code, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.astype(dtype).tobytes()
 
 
-def write_idx_folder(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool = False) -> Dataset:
+def write_idx_folder(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool = False, dataset: str = "mnist") -> Dataset:
+    """Small IDX files under ``dataset``'s own names (QMNIST: 8-column int32 labels)."""
     rng = np.random.default_rng(0)
     arrays = {
         "train_images": random_images(n_train, 1),
-        "train_labels": rng.integers(0, 10, n_train).astype(np.uint8),
+        "train_labels": rng.integers(0, 10, n_train).astype(np.int32),
         "test_images": random_images(n_test, 2),
-        "test_labels": rng.integers(0, 10, n_test).astype(np.uint8),
+        "test_labels": rng.integers(0, 10, n_test).astype(np.int32),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    for key, stem in data.IDX_FILES.items():
-        raw = idx_bytes(arrays[key])
+    for key, stem in data.idx_files(dataset).items():
+        array = arrays[key]
+        if "labels" in key:
+            extra = rng.integers(0, 70000, (len(array), 7)).astype(np.int32)  # QMNIST's provenance columns
+            array = np.concatenate([array[:, None], extra], axis=1) if dataset == "qmnist" else array.astype(np.uint8)
+        raw = idx_bytes(array)
         if gz:
             (folder / (stem + ".gz")).write_bytes(gzip.compress(raw))
         else:
             (folder / stem).write_bytes(raw)
-    return Dataset(**{k: (v.astype(np.int32) if "labels" in k else v) for k, v in arrays.items()})
+    return Dataset(**arrays)
 
 
 # --------------------------------------------------------------------------- IDX
@@ -242,29 +248,9 @@ def test_real_mnist_has_the_standard_split(mnist):
 # --------------------------------------------------------------------------- other datasets
 
 
-def write_dataset(folder: Path, dataset: str, n_train: int = 12, n_test: int = 9) -> Dataset:
-    """Small IDX files under ``dataset``'s own names (QMNIST: 8-column int32 labels)."""
-    rng = np.random.default_rng(3)
-    arrays = {
-        "train_images": random_images(n_train, 4),
-        "train_labels": rng.integers(0, 10, n_train).astype(np.int32),
-        "test_images": random_images(n_test, 5),
-        "test_labels": rng.integers(0, 10, n_test).astype(np.int32),
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    for key, stem in data.idx_files(dataset).items():
-        array = arrays[key]
-        if dataset == "qmnist" and "labels" in key:
-            array = np.concatenate([array[:, None], rng.integers(0, 70000, (len(array), 7)).astype(np.int32)], axis=1)
-        elif "labels" in key:
-            array = array.astype(np.uint8)
-        data.write_idx(folder / (stem + ".gz"), array)
-    return Dataset(**arrays)
-
-
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "kmnist", "qmnist"])
 def test_other_datasets_load_from_their_idx_files_and_cache(tmp_path, dataset):
-    expected = write_dataset(tmp_path / "idx", dataset)
+    expected = write_idx_folder(tmp_path / "idx", 12, 9, gz=True, dataset=dataset)
     got = load_dataset(dataset, "auto", tmp_path / "idx", tmp_path / "cache", log=lambda m: None)
     for key in data.IDX_FILES:
         np.testing.assert_array_equal(getattr(got, key), getattr(expected, key))
@@ -275,13 +261,13 @@ def test_other_datasets_load_from_their_idx_files_and_cache(tmp_path, dataset):
 
 
 def test_qmnist_names_are_not_mnist_names(tmp_path):
-    write_dataset(tmp_path, "mnist")
+    write_idx_folder(tmp_path)
     with pytest.raises(DataError, match="qmnist-train-images-idx3-ubyte"):
         load_dataset("qmnist", "idx", tmp_path, tmp_path / "cache", log=lambda m: None)
 
 
 def test_qmnist_test_set_keeps_its_size(tmp_path):
-    write_dataset(tmp_path, "qmnist", n_train=5, n_test=60)
+    write_idx_folder(tmp_path, n_train=5, n_test=60, dataset="qmnist")
     got = data.load_idx_folder(tmp_path, "qmnist")
     assert got.test_images.shape == (60, 28, 28) and got.test_labels.shape == (60,)
 
