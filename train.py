@@ -48,7 +48,7 @@ HELP = {
     "seed": "seed of the initial weights, the data order, the Hessian samples and the validation split",
     "devices": "devices for data parallelism: 0 uses every local device; the global --batch-size must divide "
     "evenly over them; batch size 1 (the paper's mode) runs on one device",
-    "conv_impl": "how C1/C3/C5 are computed: auto (patches on CPU, xla elsewhere), patches or xla",
+    "conv_impl": "how C1/C3/C5 are computed: auto (custom_vjp to train on CPU, xla elsewhere), xla, patches or custom_vjp",
     "chunks": "compiled pieces per epoch (progress-bar granularity)",
     "eval_batch_size": "batch size of evaluation",
     "keep": "how many of the latest epoch checkpoints to keep (the best by validation error is kept too)",

@@ -16,7 +16,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lenet_jax.config import Config  # noqa: E402
-from lenet_jax.data import load_dataset  # noqa: E402
+from lenet_jax.data import load_dataset, pad_images  # noqa: E402
 from lenet_jax.sdlm import uses_curvature  # noqa: E402
 from lenet_jax.training import create_state, epoch_batches, refresh_curvature, train_chunk  # noqa: E402
 
@@ -32,7 +32,7 @@ def main() -> None:
 
     config = Config(hessian_estimator=args.estimator, optimizer=args.optimizer, batch_size=args.batch_size, conv_impl=args.conv_impl)
     ds = load_dataset(config.dataset, config.data_source, log=lambda m: None)
-    images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
+    images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)  # as training does
     n = len(ds.train_labels)
     steps = n // config.batch_size
     state = create_state(config, steps)

@@ -27,7 +27,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lenet_jax.config import Config  # noqa: E402
-from lenet_jax.data import load_dataset  # noqa: E402
+from lenet_jax.data import load_dataset, pad_images  # noqa: E402
 from lenet_jax.layers import CONV_IMPLS  # noqa: E402
 from lenet_jax.training import (  # noqa: E402
     create_state,
@@ -57,7 +57,7 @@ def _summary(seconds: list[float], work: float) -> dict[str, float]:
 
 def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto") -> dict[str, Any]:
     ds = load_dataset("mnist", "auto", log=lambda m: None)
-    images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
+    images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)  # as training does
     test_images, test_labels = jax.device_put(ds.test_images), jax.device_put(ds.test_labels)
     n = len(ds.train_labels)
     compile_s: dict[str, float] = {}

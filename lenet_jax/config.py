@@ -83,7 +83,7 @@ class Config:
     seed: int = 0
     # running
     devices: int = 0  # data-parallel devices; 0: all local ones (one for batch size 1)
-    conv_impl: str = "auto"  # "auto": "patches" on CPU, "xla" elsewhere
+    conv_impl: str = "auto"  # "auto": "custom_vjp" to train on CPU, "xla" elsewhere
     chunks: int = 10  # compiled pieces per epoch, for the progress bar
     eval_batch_size: int = 1000
     keep: int = 3

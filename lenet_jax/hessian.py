@@ -28,6 +28,8 @@ from lenet_jax.losses import Objective
 from lenet_jax.model import Params
 
 ESTIMATORS = ("paper", "gauss_newton", "hutchinson")
+FORWARD_MODE_ESTIMATORS = ("hutchinson",)
+"""Those that take ``jax.jvp`` of the network, so need a model without custom VJPs."""
 
 
 def _output_fn(model: nn.Module, x: jax.Array) -> Callable[[Params], jax.Array]:

@@ -44,8 +44,8 @@ class LeNet5(nn.Module):
     ``"softmax"`` for a trainable 84 -> 10 layer read as logits (the modern default).
     init_scale, init_exponent: weights start uniform in +-init_scale / F**init_exponent,
     F the fan-in (2.4 and 1: the paper).
-    conv_impl: how C1, C3 and C5 are computed ("patches" or "xla", the same function;
-    see ``lenet_jax.layers.valid_conv``).
+    conv_impl: how C1, C3 and C5 are computed ("xla", "patches" or "custom_vjp", the same
+    function; see ``lenet_jax.layers.valid_conv``).
 
     The modern counterparts of the paper's components, one switch each (the defaults are
     the paper's): ``activation`` ("scaled_tanh", "relu", "selu"), ``subsampling``

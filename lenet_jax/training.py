@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from lenet_jax import checkpoint as ckpt
 from lenet_jax import hessian
 from lenet_jax.config import Config
-from lenet_jax.data import Dataset, preprocess, split_validation
+from lenet_jax.data import Dataset, pad_images, preprocess, split_validation
 from lenet_jax.distort import Distortion, distort_batch
 from lenet_jax.losses import Objective
 from lenet_jax.model import LeNet5, count_parameters, init_params
@@ -65,15 +65,18 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransf
     return tx
 
 
-def make_model(config: Config, inference: bool = False) -> LeNet5:
+def make_model(config: Config, inference: bool = False, forward_mode: bool = False) -> LeNet5:
     """The LeNet5 module ``config`` describes. "auto" convolutions resolve by backend and
-    use: "patches" for training on the CPU (its gradient runs far faster inside the
-    compiled epoch), "xla" elsewhere and for inference (``inference=True``), where
-    ``lax.conv`` is the faster forward pass on the CPU too (README, Speed). Every
-    implementation computes the same function on the same parameters."""
+    use: "custom_vjp" for training on the CPU (its hand-written gradient runs far faster
+    inside the compiled epoch), "xla" elsewhere and for inference (``inference=True``),
+    where ``lax.conv`` is the faster forward pass on the CPU too (README, Speed).
+    ``forward_mode=True`` (a model ``jax.jvp`` will differentiate) turns "custom_vjp" into
+    "patches". Every implementation computes the same function on the same parameters."""
     impl = config.conv_impl
     if impl == "auto":
-        impl = "patches" if jax.default_backend() == "cpu" and not inference else "xla"
+        impl = "custom_vjp" if jax.default_backend() == "cpu" and not inference else "xla"
+    if forward_mode and impl == "custom_vjp":
+        impl = "patches"
     return LeNet5(
         head=config.head, init_exponent=config.init_exponent, init_scale=config.init_scale, conv_impl=impl,
         activation=config.activation, subsampling=config.subsampling, c3=config.c3, conv=config.conv, dropout=config.dropout,
@@ -128,8 +131,9 @@ def train_chunk(
     key: jax.Array | None = None,
     augment: Distortion | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """Scan ``train_step`` over rows of ``batches`` (indices into the uint8 ``images``),
-    each batch split over ``mesh`` when one is given (data parallelism).
+    """Scan ``train_step`` over rows of ``batches`` (indices into the uint8 ``images``:
+    28x28, or faster padded once by ``pad_images``), each batch split over ``mesh`` when
+    one is given (data parallelism).
 
     With a ``key``, each update's randomness (dropout, and the distortion ``augment`` of
     its batch) is drawn from ``key`` folded with the optimiser step, so a resumed run
@@ -223,7 +227,8 @@ def refresh_curvature(state: TrainState, images: jax.Array, labels: jax.Array, c
     pick = jax.random.choice(key, n, (min(config.hessian_samples, n),), replace=False)
     h = estimate_hessian(
         state.params, images, labels, pick, jax.random.fold_in(key, 1),
-        config.hessian_estimator, make_model(config), config.objective, config.hutchinson_probes,
+        config.hessian_estimator, make_model(config, forward_mode=config.hessian_estimator in hessian.FORWARD_MODE_ESTIMATORS),
+        config.objective, config.hutchinson_probes,
     )
     return state.replace(opt_state=set_hessian(state.opt_state, h))
 
@@ -394,7 +399,7 @@ def _train(
     steps = n // bs
     parameters = count_parameters(state.params, make_model(config).c3_table)
     state = put_replicated(state, mesh)
-    d_images, d_labels = put_replicated(images, mesh), put_replicated(labels, mesh)
+    d_images, d_labels = put_replicated(pad_images(images), mesh), put_replicated(labels, mesh)
     objective = config.objective
     say(
         f"training LeNet-5 ({config.head} head, {config.loss} loss, {parameters:,} parameters) "

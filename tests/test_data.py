@@ -137,6 +137,19 @@ def test_preprocess_end_points():
     chex.assert_trees_all_close(x[0, 29, 2, 0], 1.175, rtol=1e-6)
 
 
+@settings(max_examples=20, deadline=None)
+@given(arrays(np.uint8, (3, 28, 28)))
+def test_images_padded_once_preprocess_to_the_same_input(images):
+    padded = data.pad_images(jnp.asarray(images))
+    assert padded.shape == (3, 32, 32) and padded.dtype == jnp.uint8
+    np.testing.assert_array_equal(preprocess(padded), preprocess(jnp.asarray(images)))
+
+
+def test_preprocess_refuses_other_sizes():
+    with pytest.raises(ValueError, match="expected 28x28 images"):
+        preprocess(jnp.zeros((1, 30, 30), jnp.uint8))
+
+
 # --------------------------------------------------------------------------- pickle and wheel
 
 

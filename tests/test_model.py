@@ -10,6 +10,8 @@ import pytest
 
 from lenet_jax.bitmaps import DIGIT_BITMAPS, RBF_CENTRES, ascii_art, hamming_distances
 from lenet_jax.layers import (
+    _overlap_add,
+    _patches,
     AMPLITUDE,
     C3_TABLE,
     EuclideanRBF,
@@ -146,25 +148,51 @@ def test_init_exponent_one_half_scales_by_square_root_of_fan_in():
     assert float(jnp.max(jnp.abs(params["C5"]["kernel"]))) > 0.9 * 2.4 / 20
 
 
-@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (3, 14, 14, 6), (1, 5, 5, 16)])
-def test_patch_convolution_equals_xla_convolution_with_gradients(shape):
+@pytest.mark.parametrize("impl", ["patches", "custom_vjp"])
+@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (3, 14, 14, 6), (1, 5, 5, 16), (2, 3, 14, 14, 6)])
+def test_every_convolution_path_equals_lax_conv_with_gradients(impl, shape):
     x = jax.random.normal(jax.random.key(0), shape)
     kernel = jax.random.normal(jax.random.key(1), (5, 5, shape[-1], 7))
 
     def f(impl):
         return lambda x, k: jnp.sum(jnp.sin(valid_conv(x, k, impl)))
 
-    chex.assert_trees_all_close(valid_conv(x, kernel, "patches"), valid_conv(x, kernel, "xla"), rtol=1e-4, atol=1e-4)
-    g_patch = jax.grad(f("patches"), argnums=(0, 1))(x, kernel)
+    chex.assert_trees_all_close(valid_conv(x, kernel, impl), valid_conv(x, kernel, "xla"), rtol=1e-4, atol=1e-4)
+    grads = jax.grad(f(impl), argnums=(0, 1))(x, kernel)
     g_xla = jax.grad(f("xla"), argnums=(0, 1))(x, kernel)
-    chex.assert_trees_all_close(g_patch, g_xla, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, g_xla):  # sums of many mixed-sign terms: float error scales with the largest entry
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
-def test_both_convolution_paths_give_the_same_network(digits):
-    x, _ = digits
-    a, b = LeNet5(conv_impl="patches"), LeNet5(conv_impl="xla")
+@pytest.mark.parametrize("shape,k", [((2, 32, 32, 1), 5), ((3, 14, 14, 6), 5), ((2, 3, 9, 7, 4), 3)])
+def test_window_extraction_by_gather_and_its_overlap_add_adjoint(shape, k):
+    x = jax.random.normal(jax.random.key(0), shape)
+    cols = _patches(x, k, gather=True)
+    np.testing.assert_array_equal(cols, _patches(x, k))
+    y = jax.random.normal(jax.random.key(1), cols.shape)
+    back = _overlap_add(y, k, shape[-1])
+    chex.assert_shape(back, shape)
+    np.testing.assert_allclose(float(jnp.vdot(cols, y)), float(jnp.vdot(x, back)), rtol=1e-5)  # <Px, y> = <x, P^T y>
+
+
+def test_an_unknown_convolution_path_is_refused():
+    with pytest.raises(ValueError, match="unknown convolution implementation 'fft'"):
+        valid_conv(jnp.zeros((1, 6, 6, 1)), jnp.zeros((5, 5, 1, 2)), "fft")
+
+
+@pytest.mark.parametrize("impl", ["patches", "custom_vjp"])
+def test_every_convolution_path_gives_the_same_network_and_gradients(impl, digits):
+    x, y = digits
+    a, b = LeNet5(conv_impl=impl), LeNet5(conv_impl="xla")
     params = init_params(a, jax.random.key(3))
     chex.assert_trees_all_close(a.apply({"params": params}, x), b.apply({"params": params}, x), rtol=1e-4, atol=1e-4)
+
+    def loss(model):
+        return lambda p: jnp.sum(jnp.take_along_axis(model.apply({"params": p}, x), y[:, None], 1))
+
+    g, g_xla = jax.grad(loss(a))(params), jax.grad(loss(b))(params)
+    chex.assert_trees_all_close(g, g_xla, rtol=1e-4, atol=1e-6)
+    assert float(jnp.max(jnp.abs(g["C3"]["kernel"] * (1 - connection_mask(C3_TABLE, 6))))) == 0.0  # C3's table holds
 
 
 def test_full_connection_and_masked_conv_shapes():

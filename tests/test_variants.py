@@ -7,13 +7,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lenet_jax import hessian
 from lenet_jax.config import MODERN, Config
 from lenet_jax.layers import ACTIVATIONS, C3_TABLE, FixedSubsampling, SeparableConv, connection_mask, valid_conv
 from lenet_jax.model import LeNet5, count_parameters, init_params, layer_table
-from lenet_jax.training import fit, make_model, make_optimizer
+from lenet_jax.training import create_state, fit, make_model, make_optimizer, refresh_curvature
 
 from test_training import QUIET, small
 
@@ -141,5 +142,29 @@ def test_bad_variant_values_are_refused():
 
 def test_auto_convolutions_resolve_by_use():
     assert make_model(Config(), inference=True).conv_impl == "xla"
-    assert make_model(Config()).conv_impl == ("patches" if jax.default_backend() == "cpu" else "xla")
+    assert make_model(Config()).conv_impl == ("custom_vjp" if jax.default_backend() == "cpu" else "xla")
     assert make_model(Config(conv_impl="patches"), inference=True).conv_impl == "patches"
+    assert make_model(Config(conv_impl="custom_vjp"), forward_mode=True).conv_impl == "patches"
+    assert make_model(Config(conv_impl="xla"), forward_mode=True).conv_impl == "xla"
+
+
+@pytest.mark.parametrize("estimator", ["paper", "gauss_newton"])
+def test_curvature_estimates_agree_on_every_convolution_path(estimator, digits):
+    x, y = digits[0][:2], digits[1][:2]
+    params = init_params(LeNet5(), jax.random.key(4))
+    estimates = [
+        hessian.estimate(estimator, LeNet5(conv_impl=impl), Config().objective, params, x, y, jax.random.key(0))
+        for impl in ("custom_vjp", "xla")
+    ]
+    chex.assert_trees_all_close(*estimates, rtol=1e-3, atol=1e-9)
+
+
+def test_the_hutchinson_refresh_runs_with_the_custom_vjp_convolutions(digits):
+    """jax.jvp cannot differentiate a custom VJP: the refresh swaps in "patches"."""
+    config = Config(conv_impl="custom_vjp", hessian_estimator="hutchinson", hessian_samples=4, hutchinson_probes=2)
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 28, 28)), jnp.uint8)
+    labels = jnp.arange(8, dtype=jnp.int32)
+    state = refresh_curvature(create_state(config, 8), images, labels, config, 1)
+    leaves = jax.tree.leaves(optax.tree_utils.tree_get(state.opt_state, "hessian"))
+    assert all(bool(jnp.all(jnp.isfinite(l) & (l >= 0))) for l in leaves)
+    assert sum(float(jnp.sum(l)) for l in leaves) > 0
