@@ -1,11 +1,11 @@
 """What each 1998 choice costs or buys: swap one paper component at a time for its modern
 counterpart, train, and print test error and seconds per row.
 
-    python bench/ablation.py                  # every row, 10 passes each
-    python bench/ablation.py --epochs 20 --rows paper modern --json runs/ablation.json
+    python -m bench.ablation                  # every row, 10 passes each
+    python -m bench.ablation --epochs 20 --rows paper modern --json runs/ablation.json
 
-Every row starts from this project's paper configuration (``Config()``) and changes only
-what its ``changes`` say; the last row, "modern", changes all of them together.
+Every row starts from the ``paper`` preset and changes only what its ``changes`` say;
+the "modern" row is the ``modern`` preset (all of them together).
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lenet_jax.config import Config, preset
+from lenet_jax.data import Dataset, load_dataset
+from lenet_jax.training import fit
 
-from lenet_jax.cli import load_data  # noqa: E402
-from lenet_jax.config import MODERN, Config  # noqa: E402
-from lenet_jax.training import fit  # noqa: E402
-
-ROWS: dict[str, tuple[str, dict]] = {
-    "paper": ("the paper (this project's defaults)", {}),
+SWAPS: dict[str, tuple[str, dict[str, Any]]] = {
     "relu": ("activation: ReLU", dict(activation="relu")),
     "selu": ("activation: SELU", dict(activation="selu")),
     "average": ("subsampling: average pooling", dict(subsampling="average")),
@@ -36,26 +34,37 @@ ROWS: dict[str, tuple[str, dict]] = {
     "adam": ("optimiser: Adam, lr 1e-4", dict(optimizer="adam", lr=1e-4)),
     "dropout": ("dropout 0.25 on C5/F6", dict(dropout=0.25)),
     "weight_decay": ("weight decay 1e-4", dict(weight_decay=1e-4)),
-    "modern": ("all of the modern choices (batch 16)", MODERN),
 }
+"""One component swapped from the paper preset; each optimiser row keeps the paper's
+per-pass schedule shape at its own starting step (picked by a two-pass probe)."""
 
 
-def run_row(name: str, epochs: int, seed: int, dataset) -> dict:
-    what, changes = ROWS[name]
-    config = Config(**changes).replace(epochs=epochs, seed=seed, keep=1).validate()
+def rows() -> dict[str, tuple[str, Config]]:
+    """Every row: the paper preset, each swap on top of it, and the modern preset."""
+    out = {"paper": ("the paper (this project's defaults)", preset("paper"))}
+    out.update({name: (what, preset("paper").replace(**changes)) for name, (what, changes) in SWAPS.items()})
+    out["modern"] = ("all of the modern choices (batch 16)", preset("modern"))
+    return out
+
+
+def changes_from_paper(config: Config) -> dict[str, Any]:
+    paper = preset("paper").to_dict()
+    return {k: v for k, v in config.to_dict().items() if paper[k] != v}
+
+
+def run_row(name: str, epochs: int, seed: int, dataset: Dataset) -> dict[str, Any]:
+    what, config = rows()[name]
+    config = config.replace(epochs=epochs, seed=seed, keep=1).validate()
+    head = {"row": name, "what": what, "changes": changes_from_paper(config), "epochs": epochs, "seed": seed}
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.perf_counter()
         try:
             history = fit(config, dataset, workdir, log=lambda m: None, progress=False).history
         except FloatingPointError as e:
-            return {"row": name, "what": what, "changes": changes, "epochs": epochs, "seed": seed, "diverged": str(e)}
+            return {**head, "diverged": str(e)}
         total = time.perf_counter() - t0
     return {
-        "row": name,
-        "what": what,
-        "changes": changes,
-        "epochs": epochs,
-        "seed": seed,
+        **head,
         "test_error": history[-1]["test_error"],
         "best_test_error": min(r["test_error"] for r in history),
         "train_error": history[-1]["train_error"],
@@ -79,14 +88,14 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which rows to run")
+    parser.add_argument("--rows", nargs="+", choices=list(rows()), default=list(rows()), help="which rows to run")
     parser.add_argument("--epochs", type=int, default=10, help="passes per row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here (rewritten after each row)")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
-    dataset = load_data(Config(), log=lambda m: print(m, file=sys.stderr))
+    dataset = load_dataset("mnist", log=lambda m: print(m, file=sys.stderr))
     results = []
     for name in args.rows:
         r = run_row(name, args.epochs, args.seed, dataset)

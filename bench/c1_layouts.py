@@ -4,23 +4,19 @@ the "patches" and "xla" convolutions of lenet_jax, 25 shifted multiply-adds in N
 forward, forward + tanh, and kernel-gradient milliseconds and the error against
 lax.conv, then the whole LeNet-5 forward pass for scale. Asserts nothing.
 
-    python bench/c1_layouts.py
+    python -m bench.c1_layouts
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lenet_jax.layers import valid_conv  # noqa: E402
-from lenet_jax.model import LeNet5, init_params  # noqa: E402
+from lenet_jax.conv import valid_conv
+from lenet_jax.model import LeNet5, init_params
 
 
 def ms(f: Callable[..., Any], *args: Any, repeats: int = 10) -> float:

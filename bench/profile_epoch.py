@@ -5,10 +5,10 @@ Traces a piece of the compiled epoch (``train_chunk``: the scan of ``train_step`
 to the layer and direction (forward, or backward: autodiff's transpose) that produced it,
 from the metadata of the compiled HLO. Real MNIST, after a warm-up call.
 
-    python bench/profile_epoch.py [--batch-size 256] [--conv-impl auto] [--steps N] [--top 15]
+    python -m bench.profile_epoch [--batch-size 256] [--conv-impl auto] [--steps N] [--top 15]
 
 Batch size 1 profiles SDLM (the paper's mode), any other plain SGD, as
-``bench/throughput.py`` does.
+``bench.throughput`` does.
 """
 
 from __future__ import annotations
@@ -20,18 +20,17 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
 
-import jax  # noqa: E402
-
-from lenet_jax.config import Config  # noqa: E402
-from lenet_jax.data import load_dataset, pad_images  # noqa: E402
-from lenet_jax.layers import CONV_IMPLS  # noqa: E402
-from lenet_jax.model import STAGES  # noqa: E402
-from lenet_jax.training import create_state, epoch_batches, make_model, train_chunk  # noqa: E402
+from bench import common
+from lenet_jax.config import Config
+from lenet_jax.conv import CONV_IMPLS
+from lenet_jax.factories import create_state, make_model
+from lenet_jax.inputs import pad_images
+from lenet_jax.model import STAGES
+from lenet_jax.steps import epoch_batches, train_chunk
 
 SQUASH = "squashing, every layer"
 OP_LINE = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
@@ -72,7 +71,7 @@ def main() -> None:
 
     bs = args.batch_size
     config = Config(batch_size=bs, conv_impl=args.conv_impl, **({} if bs == 1 else dict(optimizer="sgd", schedule="constant")))
-    ds = load_dataset("mnist", "auto", log=lambda m: None)
+    ds = common.mnist()
     images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)
     n = len(ds.train_labels)
     steps = args.steps or max(1, 30_720 // bs)

@@ -1,7 +1,7 @@
 """Summarise finished runs: a markdown table (final test error, training error of the last
 pass, seconds per pass) and the error-curve figure.
 
-    python bench/summarize.py LABEL=RUN_DIR [LABEL=RUN_DIR ...] [--plot docs/curves.png]
+    python -m bench.summarize LABEL=RUN_DIR [LABEL=RUN_DIR ...] [--plot docs/curves.png]
 
 A label given to several runs (different seeds) is reported as mean and spread.
 """
@@ -11,13 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lenet_jax.plots import error_curves  # noqa: E402
+from lenet_jax.plots import error_curves
 
 
 def read_history(run: Path) -> list[dict]:

@@ -1,148 +1,130 @@
 """Throughput of lenet-jax on real MNIST, on whatever JAX backend is present.
 
-Each figure is the best (and the median) of --repeats timed runs after a warm-up, each
-run waited for with ``block_until_ready``:
-  - train_b1_images_per_s: batch-1 SDLM updates (the paper's mode), --samples per run
-  - train_b256_images_per_s: batch-256 SGD over a full epoch (234 updates)
-  - infer_b1000_images_per_s: the 10,000 test images in batches of 1,000
-  - sdlm_refresh_s: one SDLM Hessian refresh over 500 training patterns (seconds)
-  - compile_s: seconds to lower and compile each of those programs (and their sum)
+  train_b1       batch-1 SDLM updates (the paper's mode), --samples per repeat
+  train_b256     batch-256 SGD over one epoch (234 updates)
+  train_b4096    batch-4096 SGD over one epoch (on accelerators, or with --large-batch)
+  infer_b1000    the 10,000 test images in batches of 1,000
+  sdlm_refresh   one SDLM Hessian refresh over 500 training patterns, in seconds
+  paper_pass     with --pass: one whole pass of the paper's training (refresh and 60,000
+                 batch-1 updates), in seconds
+  compile_s      seconds to lower and compile each program
 
-    python bench/throughput.py [--json] [--conv-impl auto|patches|xla]
+Rates are the best and the median of --repeats timed runs after a warm-up.
+
+    python -m bench.throughput [--json] [--conv-impl auto|xla|patches|custom_vjp] [--precision float32|tf32|bfloat16] [--pass]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import sys
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lenet_jax.config import Config  # noqa: E402
-from lenet_jax.data import load_dataset, pad_images  # noqa: E402
-from lenet_jax.layers import CONV_IMPLS  # noqa: E402
-from lenet_jax.training import (  # noqa: E402
-    create_state,
+from bench import common
+from lenet_jax.config import Config
+from lenet_jax.conv import CONV_IMPLS
+from lenet_jax.factories import conv_impl_for, create_state, make_model
+from lenet_jax.hessian import ESTIMATORS
+from lenet_jax.inputs import pad_images
+from lenet_jax.precision import PRECISIONS
+from lenet_jax.steps import (
+    compiled_train_chunk,
+    curvature_model,
+    curvature_sample,
     epoch_batches,
     estimate_hessian,
     evaluate_arrays,
-    make_model,
     refresh_curvature,
-    train_chunk,
+    step_keys,
 )
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - t0
-
-
 def _compile(jitted: Any, *args: Any, **static: Any) -> tuple[Any, float]:
-    """The compiled program of ``jitted`` for these arguments, and the seconds it took."""
-    return _timed(lambda: jitted.lower(*args, **static).compile())
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args, **static).compile()
+    return compiled, time.perf_counter() - t0
 
 
-def _summary(seconds: list[float], work: float) -> dict[str, float]:
-    return {"best": work / min(seconds), "median": work / statistics.median(seconds)}
-
-
-def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto") -> dict[str, Any]:
-    ds = load_dataset("mnist", "auto", log=lambda m: None)
-    images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)  # as training does
+def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", precision: str = "float32",
+            estimator: str = "paper", large_batch: bool | None = None, full_pass: bool = False) -> dict[str, Any]:
+    ds = common.mnist()
+    images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)  # as training holds them
     test_images, test_labels = jax.device_put(ds.test_images), jax.device_put(ds.test_labels)
     n = len(ds.train_labels)
+    wait = jax.block_until_ready
+    results: dict[str, Any] = {}
     compile_s: dict[str, float] = {}
+    keys = step_keys(0)
 
-    # batch 1, SDLM, with a real Hessian estimate in the state
-    config = Config(batch_size=1, conv_impl=conv_impl)
-    state = refresh_curvature(create_state(config, n), images, labels, config, 1)
-    batches = epoch_batches(config.seed, 1, n, 1)[:samples]
-    step_b1, compile_s["train_b1"] = _compile(train_chunk, state, images, labels, batches, objective=config.objective, mesh=None)
-    state, _ = jax.block_until_ready(step_b1(state, images, labels, batches))  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        (state, _), s = _timed(lambda: step_b1(state, images, labels, batches))
-        seconds.append(s)
-    b1 = _summary(seconds, samples)
+    def train(name: str, config: Config, batches: jax.Array, work: int) -> Any:
+        state = create_state(config, n // config.batch_size)
+        if config.optimizer == "sdlm":
+            state = refresh_curvature(state, images, labels, config, 1)
+        step, compile_s[name] = _compile(compiled_train_chunk, state, images, labels, batches, keys, objective=config.objective)
+        state, _ = wait(step(state, images, labels, batches, keys))  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            state, m = wait(step(state, images, labels, batches, keys))
+            seconds.append(time.perf_counter() - t0)
+        results[name] = common.rate(seconds, work)
+        return state
 
-    pick = jax.random.choice(jax.random.key(1), n, (config.hessian_samples,), replace=False)
-    args = (state.params, images, labels, pick, jax.random.key(2))
-    static = dict(estimator=config.hessian_estimator, model=make_model(config), objective=config.objective, probes=config.hutchinson_probes)
-    refresh, compile_s["sdlm_refresh"] = _compile(estimate_hessian, *args, **static)
-    refresh(*args)
-    refresh_s = min(_timed(lambda: refresh(*args))[1] for _ in range(repeats))
+    sdlm = Config(batch_size=1, conv_impl=conv_impl, precision=precision, hessian_estimator=estimator)
+    state = train("train_b1", sdlm, epoch_batches(0, 1, n, 1)[:samples], samples)
 
-    # batch 256, SGD, a full epoch
-    config256 = Config(batch_size=256, optimizer="sgd", schedule="constant", conv_impl=conv_impl)
-    state256 = create_state(config256, n // 256)
-    batches256 = epoch_batches(config256.seed, 1, n, 256)
-    step_b256, compile_s["train_b256"] = _compile(train_chunk, state256, images, labels, batches256, objective=config256.objective, mesh=None)
-    state256, _ = jax.block_until_ready(step_b256(state256, images, labels, batches256))
-    seconds = []
-    for _ in range(repeats):
-        (state256, _), s = _timed(lambda: step_b256(state256, images, labels, batches256))
-        seconds.append(s)
-    b256 = _summary(seconds, batches256.size)
+    pick, key = curvature_sample(sdlm, 1, n)
+    static = dict(estimator=estimator, model=curvature_model(sdlm), objective=sdlm.objective, probes=sdlm.hutchinson_probes)
+    refresh, compile_s["sdlm_refresh"] = _compile(estimate_hessian, state.params, images, labels, pick, key, **static)
+    wait(refresh(state.params, images, labels, pick, key))
+    seconds = common.repeat(lambda: refresh(state.params, images, labels, pick, key), repeats, wait)
+    results["sdlm_refresh"] = {"best": min(seconds), "median": sorted(seconds)[len(seconds) // 2], "unit": "s"}
 
-    # inference, batch 1000
+    for batch in (256, 4096) if (large_batch if large_batch is not None else jax.default_backend() != "cpu") else (256,):
+        config = Config(batch_size=batch, optimizer="sgd", schedule="constant", conv_impl=conv_impl, precision=precision)
+        batches = epoch_batches(0, 1, n, batch)
+        train(f"train_b{batch}", config, batches, batches.size)
+
+    infer_fn = make_model(sdlm, inference=True).apply
     dynamic = dict(params=state.params, images=test_images, labels=test_labels)
-    infer_fn = make_model(config, inference=True).apply
-    infer, compile_s["infer_b1000"] = _compile(evaluate_arrays, **dynamic, apply_fn=infer_fn, objective=config.objective, batch_size=1000)
-    infer(**dynamic)
-    seconds = [_timed(lambda: infer(**dynamic))[1] for _ in range(repeats)]
-    inf = _summary(seconds, len(ds.test_labels))
+    infer, compile_s["infer_b1000"] = _compile(evaluate_arrays, **dynamic, apply_fn=infer_fn, objective=sdlm.objective, batch_size=1000)
+    wait(infer(**dynamic))
+    results["infer_b1000"] = common.rate(common.repeat(lambda: infer(**dynamic), repeats, wait), len(ds.test_labels))
 
-    compile_s["total"] = sum(compile_s.values())
+    if full_pass:
+        batches = epoch_batches(0, 2, n, 1)
+        t0 = time.perf_counter()
+        state = wait(refresh_curvature(state, images, labels, sdlm, 2))
+        t1 = time.perf_counter()
+        state, _ = wait(compiled_train_chunk(state, images, labels, batches, keys, objective=sdlm.objective))
+        t2 = time.perf_counter()
+        results["paper_pass"] = {"best": t2 - t0, "median": t2 - t0, "unit": "s", "refresh_s": t1 - t0, "updates_per_s": n / (t2 - t1)}
+
     device = jax.devices()[0]
-    return {
-        "train_b1_images_per_s": b1["best"],
-        "train_b256_images_per_s": b256["best"],
-        "infer_b1000_images_per_s": inf["best"],
-        "sdlm_refresh_s": refresh_s,
-        "compile_s": compile_s,
-        "backend": jax.default_backend(),
-        "devices": jax.device_count(),
-        "device_kind": device.device_kind,
-        "framework": f"jax {jax.__version__}",
-        "conv_impl": make_model(config).conv_impl,
-        "conv_impl_inference": make_model(config, inference=True).conv_impl,
-        "median": {"train_b1_images_per_s": b1["median"], "train_b256_images_per_s": b256["median"], "infer_b1000_images_per_s": inf["median"]},
-        "b1_pass_s": n / b1["best"] + refresh_s,
-        "refresh_share_of_b1_pass": refresh_s / (n / b1["best"] + refresh_s),
-        "repeats": repeats,
-        "b1_samples": samples,
-        "cpu": platform.processor() or platform.machine(),
-    }
+    settings = {"conv_impl": conv_impl_for(sdlm), "conv_impl_inference": conv_impl_for(sdlm, inference=True),
+                "precision": precision, "estimator": estimator, "repeats": repeats, "b1_samples": samples}
+    b1_pass = n / results["train_b1"]["best"] + results["sdlm_refresh"]["best"]
+    notes = [f"a batch-1 SDLM pass of {n:,} at the best rate: {b1_pass:.1f} s, "
+             f"the refresh {results['sdlm_refresh']['best'] / b1_pass:.1%} of it"]
+    return common.result(f"jax {jax.__version__}", jax.default_backend(), None if device.platform == "cpu" else device.device_kind,
+                         settings, results, compile_s, notes)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--samples", type=int, default=10_000, help="batch-1 updates per timed repeat (at least 10,000 for the headline)")
+    parser.add_argument("--samples", type=int, default=10_000, help="batch-1 updates per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--conv-impl", default="auto", choices=("auto", *CONV_IMPLS))
-    args = parser.parse_args()
-    r = measure(args.samples, args.repeats, args.conv_impl)
-    if args.json:
-        print(json.dumps(r))
-        return
-    print(
-        f"{r['framework']} on {r['backend']} ({r['device_kind']}), {r['devices']} device(s), conv {r['conv_impl']} "
-        f"(inference {r['conv_impl_inference']}); best (median) of {r['repeats']}"
-    )
-    for key in ("train_b1_images_per_s", "train_b256_images_per_s", "infer_b1000_images_per_s"):
-        print(f"  {key}: {r[key]:,.0f} ({r['median'][key]:,.0f})")
-    print(f"  sdlm_refresh_s: {r['sdlm_refresh_s']:.3f} ({r['refresh_share_of_b1_pass']:.1%} of a batch-1 pass of {r['b1_pass_s']:.1f} s)")
-    print("  compile_s: " + ", ".join(f"{k} {v:.2f}" for k, v in r["compile_s"].items()))
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS)
+    parser.add_argument("--estimator", default="paper", choices=tuple(ESTIMATORS), help="the Hessian estimator of the refresh")
+    parser.add_argument("--large-batch", action=argparse.BooleanOptionalAction, default=None,
+                        help="also batch 4096 (default: on accelerators only)")
+    parser.add_argument("--pass", dest="full_pass", action="store_true", help="also time one whole pass of the paper's training")
+    args = parser.parse_args(argv)
+    common.emit(measure(args.samples, args.repeats, args.conv_impl, args.precision, args.estimator, args.large_batch, args.full_pass), args.json)
 
 
 if __name__ == "__main__":

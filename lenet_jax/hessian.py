@@ -1,50 +1,88 @@
 """Estimates of the diagonal of the Gauss-Newton matrix, for SDLM (appendix C).
 
-Each estimator is a pure function of (model, objective, params, images, labels) that
-returns a parameter-shaped tree, the plain mean over the given samples of the per-sample
-estimate, never negative:
+Each estimator returns a parameter-shaped tree: the mean over the given patterns of a
+per-pattern estimate, never negative. They are registered in ``ESTIMATORS`` by name:
 
 ``paper``         the paper's layer-wise back-propagation of diagonal second derivatives
-                  (f'' dropped, cross terms ignored, shared weights summed): one forward
-                  and one backward pass of the network's squared surrogate.
+                  (f'' dropped, cross terms between weights ignored, the contributions of
+                  shared weights summed): one forward and one backward pass of the
+                  network's squared surrogate.
 ``gauss_newton``  the exact diagonal of J^T H J, H = C^T C the output curvature of
                   ``Objective.curvature_factor``: one vector-Jacobian product per row of C.
-``hutchinson``    the unbiased estimate E_v[v * (J^T H J v)], v Rademacher, with
-                  Gauss-Newton-vector products by a jvp then a vjp.
+``hutchinson``    Hutchinson's estimator E_v[v * (J^T H J v)], v Rademacher, with
+                  Gauss-Newton-vector products by a jvp then a vjp; the mean over probes
+                  is unbiased, and clipping it at zero (so that SDLM never divides by less
+                  than mu) biases the clipped entries upward.
 
-``images`` are preprocessed inputs of shape (N, 32, 32, 1). ``model`` is a LeNet5, or
-any Flax module with the same ``outputs``, ``trace`` and ``squared_network`` methods.
+References:
+  LeCun, Bottou, Bengio and Haffner, *Gradient-based learning applied to document
+  recognition*, Proc. IEEE 86(11), 1998: appendix C.
+  Hutchinson, *A stochastic estimator of the trace of the influence matrix for Laplacian
+  smoothing splines*, Comm. Statist. Simulation Comput. 18(3), 1989.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, runtime_checkable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lenet_jax import precision as prec
 from lenet_jax.losses import Objective
-from lenet_jax.model import Params
 
-ESTIMATORS = ("paper", "gauss_newton", "hutchinson")
-FORWARD_MODE_ESTIMATORS = ("hutchinson",)
-"""Those that take ``jax.jvp`` of the network, so need a model without custom VJPs."""
+Params = Any
 
 
-def _output_fn(model: nn.Module, x: jax.Array) -> Callable[[Params], jax.Array]:
+@runtime_checkable
+class CurvatureModel(Protocol):
+    """What the estimators need of a model: a Flax module with these methods, each
+    reached through ``apply(variables, ..., method=name)``. ``lenet_jax.model.LeNet5``
+    is one; so is any small module a test builds.
+
+    ``outputs(x)``: what the loss reads (squashed F6, or logits), (N, D).
+    ``trace(x)``: ``(outputs, activations)``, the squashed output of every stage.
+    ``squared_network(x_squared, activations)``: the linear surrogate whose
+    vector-Jacobian product with squared parameters is the paper's recursion.
+    """
+
+    def apply(self, variables: Mapping[str, Any], *args: Any, method: Any = None, **kwargs: Any) -> Any: ...
+
+    def outputs(self, x: jax.Array) -> jax.Array: ...
+
+    def trace(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]: ...
+
+    def squared_network(self, x_squared: jax.Array, activations: list[jax.Array]) -> jax.Array: ...
+
+
+def _output_fn(model: CurvatureModel, x: jax.Array) -> Callable[[Params], jax.Array]:
     return lambda p: model.apply({"params": p}, x[None], method="outputs")[0]
 
 
-def _mean_over_samples(per_sample, *xs, batch_size: int) -> Params:
+def _mean_over_samples(per_sample: Callable[..., Params], *xs: jax.Array, batch_size: int) -> Params:
     n = xs[0].shape[0]
     total = jax.lax.map(lambda args: per_sample(*args), xs, batch_size=min(batch_size, n))
     return jax.tree.map(lambda t: jnp.sum(t, 0) / n, total)
 
 
-def paper_diagonal(model: nn.Module, objective: Objective, params: Params, images: jax.Array, labels: jax.Array) -> Params:
-    """The paper's estimate: back-propagation with squared weights, inputs and slopes,
-    started from the diagonal of the output curvature."""
+def paper_diagonal(model: CurvatureModel, objective: Objective, params: Params, images: jax.Array, labels: jax.Array) -> Params:
+    """The paper's estimate of the Hessian diagonal (appendix C).
+
+    Back-propagation with squared weights, squared inputs and squared slopes, started from
+    the diagonal of the output curvature: d2E/da^2 = f'(a)^2 d2E/dx^2,
+    d2E/dx_j^2 = sum_i w_ij^2 d2E/da_i^2, d2E/dw^2 = sum over the connections sharing w
+    of x_j^2 d2E/da_i^2.
+
+    Args:
+      model: the network (see ``CurvatureModel``).
+      objective: the loss, whose ``curvature_factor`` gives the output curvature.
+      params: the parameters the estimate is taken at.
+      images: preprocessed inputs, (N, 32, 32, 1).
+      labels: int labels, (N,).
+
+    Returns:
+      A tree shaped like ``params``: the mean over the N patterns, non-negative.
+    """
     outputs, activations = model.apply({"params": params}, images, method="trace")
     factors = jax.vmap(objective.curvature_factor)(outputs, labels)
     output_diag = jnp.sum(jnp.square(factors), axis=-2)
@@ -59,11 +97,20 @@ def paper_diagonal(model: nn.Module, objective: Objective, params: Params, image
 
 
 def gauss_newton_diagonal(
-    model: nn.Module, objective: Objective, params: Params, images: jax.Array, labels: jax.Array, *, batch_size: int = 16
+    model: CurvatureModel, objective: Objective, params: Params, images: jax.Array, labels: jax.Array, *, batch_size: int = 16
 ) -> Params:
-    """The exact diagonal of the Gauss-Newton matrix: sum over rows c of C of (J^T c)^2."""
+    """The exact diagonal of the Gauss-Newton matrix J^T C^T C J, as the sum over the rows
+    c of C of (J^T c)^2.
 
-    def per_sample(x, y):
+    Args:
+      model, objective, params, images, labels: as for ``paper_diagonal``.
+      batch_size: patterns vectorised together (memory against speed).
+
+    Returns:
+      A tree shaped like ``params``: the mean over the N patterns, non-negative.
+    """
+
+    def per_sample(x: jax.Array, y: jax.Array) -> Params:
         out, vjp = jax.vjp(_output_fn(model, x), params)
         rows = objective.curvature_factor(out, y)
         (cols,) = jax.vmap(vjp)(rows)
@@ -73,7 +120,7 @@ def gauss_newton_diagonal(
 
 
 def hutchinson_diagonal(
-    model: nn.Module,
+    model: CurvatureModel,
     objective: Objective,
     params: Params,
     images: jax.Array,
@@ -83,11 +130,25 @@ def hutchinson_diagonal(
     probes: int = 8,
     batch_size: int = 16,
 ) -> Params:
-    """E[v * (J^T H J v)] over ``probes`` Rademacher vectors per sample; unbiased for the
-    Gauss-Newton diagonal, non-negative because every estimate is clipped at zero."""
+    """Hutchinson's estimate of the Gauss-Newton diagonal: the mean of v * (J^T H J v)
+    over ``probes`` Rademacher vectors v per pattern, clipped at zero.
+
+    The mean over probes is unbiased; the clipping (an estimate below zero would let SDLM
+    divide by less than mu) biases those entries upward.
+
+    Args:
+      model: the network; it must be forward-differentiable (``jax.jvp``).
+      objective, params, images, labels: as for ``paper_diagonal``.
+      key: the PRNG key the probes are drawn from.
+      probes: Rademacher vectors per pattern.
+      batch_size: patterns vectorised together.
+
+    Returns:
+      A tree shaped like ``params``, non-negative.
+    """
     leaves, treedef = jax.tree.flatten(params)
 
-    def per_sample(x, y, k):
+    def per_sample(x: jax.Array, y: jax.Array, k: jax.Array) -> Params:
         f = _output_fn(model, x)
         out, vjp = jax.vjp(f, params)
         keys = jax.random.split(k, len(leaves))
@@ -96,7 +157,7 @@ def hutchinson_diagonal(
         )
         jv = jax.vmap(lambda v: jax.jvp(f, (params,), (v,))[1])(probes_tree)
         rows = objective.curvature_factor(out, y)
-        hjv = (jv @ rows.T) @ rows
+        hjv = prec.matmul(prec.matmul(jv, rows.T), rows)
         (gnv,) = jax.vmap(vjp)(hjv)
         return jax.tree.map(lambda v, g: jnp.mean(v * g, 0), probes_tree, gnv)
 
@@ -105,9 +166,32 @@ def hutchinson_diagonal(
     return jax.tree.map(lambda h: jnp.maximum(h, 0.0), mean)
 
 
+class Estimator(NamedTuple):
+    """A registered estimator: ``fn(model, objective, params, images, labels, key, probes)``,
+    and whether it takes ``jax.jvp`` of the network (then the model must avoid custom VJPs)."""
+
+    fn: Callable[[CurvatureModel, Objective, Params, jax.Array, jax.Array, jax.Array, int], Params]
+    forward_mode: bool = False
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "paper": Estimator(lambda m, o, p, x, y, key, probes: paper_diagonal(m, o, p, x, y)),
+    "gauss_newton": Estimator(lambda m, o, p, x, y, key, probes: gauss_newton_diagonal(m, o, p, x, y)),
+    "hutchinson": Estimator(lambda m, o, p, x, y, key, probes: hutchinson_diagonal(m, o, p, x, y, key, probes=probes), forward_mode=True),
+}
+
+
+def get_estimator(name: str) -> Estimator:
+    """The registered estimator called ``name``, or ValueError listing them."""
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown Hessian estimator {name!r}; choose from {', '.join(ESTIMATORS)}") from None
+
+
 def estimate(
     name: str,
-    model: nn.Module,
+    model: CurvatureModel,
     objective: Objective,
     params: Params,
     images: jax.Array,
@@ -116,11 +200,5 @@ def estimate(
     *,
     probes: int = 8,
 ) -> Params:
-    """Dispatch on the estimator name (one of ``ESTIMATORS``)."""
-    if name == "paper":
-        return paper_diagonal(model, objective, params, images, labels)
-    if name == "gauss_newton":
-        return gauss_newton_diagonal(model, objective, params, images, labels)
-    if name == "hutchinson":
-        return hutchinson_diagonal(model, objective, params, images, labels, key, probes=probes)
-    raise ValueError(f"unknown Hessian estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
+    """The estimate of the registered estimator ``name`` (see ``ESTIMATORS``)."""
+    return get_estimator(name).fn(model, objective, params, images, labels, key, probes)

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lenet_jax import precision as prec
 from lenet_jax.bitmaps import RBF_CENTRES
+from lenet_jax.conv import valid_conv
 
 AMPLITUDE = 1.7159
 """A in the squashing function f(a) = A tanh(S a) (appendix A)."""
@@ -41,6 +43,20 @@ def connection_mask(table: Sequence[Sequence[int]], n_inputs: int) -> np.ndarray
             raise ValueError(f"connection table row {k} = {inputs!r} is not a non-empty subset of 0..{n_inputs - 1}")
         mask[list(inputs), k] = 1.0
     return mask
+
+
+BIAS_INITS = ("fan_in", "zero")
+"""How biases start: like the weights of their unit ("fan_in", the paper's rule as this
+project reads it), or at zero (the authors' later Lush code)."""
+
+
+def bias_initializer(kind: str, fan_in: np.ndarray | float, exponent: float, scale: float) -> nn.initializers.Initializer:
+    """The initialiser of a bias: ``fan_in_uniform`` or zeros, by ``kind``."""
+    if kind == "zero":
+        return nn.initializers.zeros_init()
+    if kind != "fan_in":
+        raise ValueError(f"unknown bias initialisation {kind!r}; choose from {', '.join(BIAS_INITS)}")
+    return fan_in_uniform(fan_in, exponent, scale)
 
 
 def fan_in_uniform(fan_in: np.ndarray | float, exponent: float = 1.0, scale: float = INIT_SCALE) -> nn.initializers.Initializer:
@@ -116,6 +132,7 @@ class TrainableSubsampling(nn.Module):
     window: int = 2
     init_exponent: float = 1.0
     init_scale: float = INIT_SCALE
+    bias_init: str = "fan_in"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -123,9 +140,8 @@ class TrainableSubsampling(nn.Module):
         k = self.window
         if h % k or w % k:
             raise ValueError(f"subsampling window {k} does not tile a {h}x{w} map")
-        init = fan_in_uniform(k * k, self.init_exponent, self.init_scale)
-        coefficient = self.param("coefficient", init, (c,))
-        bias = self.param("bias", init, (c,))
+        coefficient = self.param("coefficient", fan_in_uniform(k * k, self.init_exponent, self.init_scale), (c,))
+        bias = self.param("bias", bias_initializer(self.bias_init, k * k, self.init_exponent, self.init_scale), (c,))
         return window_sums(x, k) * coefficient + bias
 
 
@@ -179,7 +195,9 @@ class MaskedConv(nn.Module):
     table: tuple[tuple[int, ...], ...] | None = None
     init_exponent: float = 1.0
     init_scale: float = INIT_SCALE
+    bias_init: str = "fan_in"
     impl: str = "xla"
+    precision: str = "float32"
 
     def mask(self, n_inputs: int) -> np.ndarray:
         """The (n_inputs, features) connection mask."""
@@ -200,103 +218,8 @@ class MaskedConv(nn.Module):
             return weight_init(key, shape, dtype) * mask
 
         kernel = self.param("kernel", kernel_init, (k, k, x.shape[-1], self.features))
-        bias = self.param("bias", fan_in_uniform(fan_in, self.init_exponent, self.init_scale), (self.features,))
-        return valid_conv(x, kernel * mask, self.impl) + bias
-
-
-CONV_IMPLS = ("xla", "patches", "custom_vjp")
-
-
-def _patches(x: jax.Array, k: int, gather: bool = False) -> jax.Array:
-    """The k x k windows of (..., H, W, C) maps, flattened in HWIO-kernel row order:
-    (..., H-k+1, W-k+1, k*k*C). By default the k*k shifted slices concatenated, whose
-    gradient autodiff writes as pads; ``gather=True`` takes them in one gather by a
-    constant index table, which XLA fuses with whatever produced ``x`` (for C1, the
-    batch's gather from the dataset) and which is faster when nothing differentiates it."""
-    h, w, c = x.shape[-3:]
-    ho, wo = h - k + 1, w - k + 1
-    if ho == 1 and wo == 1:  # C5: the whole input is one window
-        return x.reshape(x.shape[:-3] + (1, 1, k * k * c))
-    if gather:
-        r = np.arange
-        rows = r(ho)[:, None, None, None] + r(k)[:, None]  # (ho, 1, k, 1)
-        cols = r(wo)[:, None, None] + r(k)  # (wo, k, k) broadcast against rows
-        index = (rows * w + cols)[..., None] * c + r(c)  # (ho, wo, k, k, c)
-        return x.reshape(x.shape[:-3] + (h * w * c,))[..., index.reshape(ho, wo, k * k * c)]
-    return jnp.concatenate([x[..., i : i + ho, j : j + wo, :] for i in range(k) for j in range(k)], axis=-1)
-
-
-def _overlap_add(cols: jax.Array, k: int, c: int) -> jax.Array:
-    """The adjoint of ``_patches``: (..., Ho, Wo, k*k*C) window entries added back where
-    they came from, (..., Ho+k-1, Wo+k-1, C); the k column shifts of each kernel row
-    first, then the k row shifts (2k pads, not k*k)."""
-    *lead, ho, wo, _ = cols.shape
-    h, w = ho + k - 1, wo + k - 1
-    cols = cols.reshape(*lead, ho, wo, k, k, c)
-    keep = [(0, 0)] * len(lead)
-    rows = sum(jnp.pad(cols[..., j, :], keep + [(0, 0), (j, w - wo - j), (0, 0), (0, 0)]) for j in range(k))
-    return sum(jnp.pad(rows[..., i, :], keep + [(i, h - ho - i), (0, 0), (0, 0)]) for i in range(k))
-
-
-def _patch_conv(x: jax.Array, kernel: jax.Array, gather: bool = False) -> jax.Array:
-    k, _, c, f = kernel.shape
-    return _patches(x, k, gather) @ kernel.reshape(k * k * c, f)
-
-
-def _lax_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
-    y = jax.lax.conv_general_dilated(
-        x.reshape((-1, h, w, c)), kernel, window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-    return y.reshape(lead + y.shape[1:])
-
-
-@jax.custom_vjp
-def _patch_conv_custom_vjp(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return _patch_conv(x, kernel, gather=True)
-
-
-def _patch_conv_forward(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _patch_conv(x, kernel, gather=True), (x, kernel)
-
-
-def _patch_conv_backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Both gradients as matrix products, the form XLA's CPU backend runs fast inside a
-    loop: the kernel's is the windows (extracted again; XLA shares them with the forward
-    pass) times ``dy``; the input's is ``dy`` times the kernel, overlap-added back onto
-    the input grid (for C5, whose output is 1x1, a plain reshape). C1's input gradient is
-    unused, and XLA drops it."""
-    x, kernel = residuals
-    k, _, c, f = kernel.shape
-    cols = _patches(x, k, gather=True)
-    dkernel = (cols.reshape(-1, k * k * c).T @ dy.reshape(-1, f)).reshape(kernel.shape)
-    dcols = dy @ kernel.reshape(k * k * c, f).T
-    dx = dcols.reshape(x.shape) if dy.shape[-3:-1] == (1, 1) else _overlap_add(dcols, k, c)
-    return dx, dkernel
-
-
-_patch_conv_custom_vjp.defvjp(_patch_conv_forward, _patch_conv_backward)
-
-
-def valid_conv(x: jax.Array, kernel: jax.Array, impl: str = "xla") -> jax.Array:
-    """'VALID' stride-1 convolution of (..., H, W, C) by an HWIO kernel; three
-    implementations of the same function.
-
-    "xla": ``lax.conv_general_dilated``, differentiated by JAX. "patches": the k*k
-    shifted windows concatenated along channels, then one matrix product; its gradient
-    (slices, pads and matrix products) avoids the backward convolutions that XLA's CPU
-    backend runs slowly inside a ``lax.scan``. "custom_vjp": the windows taken by one
-    gather, and a hand-written backward pass of matrix products (``_patch_conv_backward``):
-    the fastest for training on the CPU at every batch size (README, Speed); JAX cannot
-    forward-differentiate it (``jax.jvp``), the other two it can.
-    """
-    if impl == "patches":
-        return _patch_conv(x, kernel)
-    if impl == "custom_vjp":
-        return _patch_conv_custom_vjp(x, kernel)
-    if impl != "xla":
-        raise ValueError(f"unknown convolution implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")
-    return _lax_conv(x, kernel)
+        bias = self.param("bias", bias_initializer(self.bias_init, fan_in, self.init_exponent, self.init_scale), (self.features,))
+        return valid_conv(x, kernel * mask, self.impl, self.precision) + bias
 
 
 class SeparableConv(nn.Module):
@@ -310,6 +233,8 @@ class SeparableConv(nn.Module):
     table: tuple[tuple[int, ...], ...] | None = None
     init_exponent: float = 1.0
     init_scale: float = INIT_SCALE
+    bias_init: str = "fan_in"
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -324,8 +249,8 @@ class SeparableConv(nn.Module):
         fan_in = mask.sum(axis=0)
         init = fan_in_uniform(fan_in, self.init_exponent, self.init_scale)
         pointwise = self.param("pointwise", lambda key, shape: init(key, shape) * mask, (c, self.features))
-        bias = self.param("bias", init, (self.features,))
-        return y @ (pointwise * mask) + bias
+        bias = self.param("bias", bias_initializer(self.bias_init, fan_in, self.init_exponent, self.init_scale), (self.features,))
+        return prec.matmul(y, pointwise * mask, self.precision) + bias
 
 
 class FullConnection(nn.Module):
@@ -334,13 +259,15 @@ class FullConnection(nn.Module):
     features: int
     init_exponent: float = 1.0
     init_scale: float = INIT_SCALE
+    bias_init: str = "fan_in"
+    precision: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = fan_in_uniform(x.shape[-1], self.init_exponent, self.init_scale)
-        kernel = self.param("kernel", init, (x.shape[-1], self.features))
-        bias = self.param("bias", init, (self.features,))
-        return x @ kernel + bias
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", fan_in_uniform(fan_in, self.init_exponent, self.init_scale), (fan_in, self.features))
+        bias = self.param("bias", bias_initializer(self.bias_init, fan_in, self.init_exponent, self.init_scale), (self.features,))
+        return prec.matmul(x, kernel, self.precision) + bias
 
 
 class EuclideanRBF(nn.Module):

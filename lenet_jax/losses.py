@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from lenet_jax import precision as prec
 from lenet_jax.bitmaps import RBF_CENTRES
 
 LOSSES = ("map", "mse", "xent")
@@ -96,4 +97,4 @@ class Objective:
         p = jax.nn.softmax(jnp.concatenate([-penalties, jnp.array([-self.j], outputs.dtype)]))
         factor = _softmax_factor(p)[:, :10]
         jac = 2.0 * diff
-        return jnp.concatenate([quadratic, factor @ jac], axis=0)
+        return jnp.concatenate([quadratic, prec.matmul(factor, jac)], axis=0)

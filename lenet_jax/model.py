@@ -45,7 +45,10 @@ class LeNet5(nn.Module):
     init_scale, init_exponent: weights start uniform in +-init_scale / F**init_exponent,
     F the fan-in (2.4 and 1: the paper).
     conv_impl: how C1, C3 and C5 are computed ("xla", "patches" or "custom_vjp", the same
-    function; see ``lenet_jax.layers.valid_conv``).
+    function; see ``lenet_jax.conv``).
+    precision: the policy of every matrix product and convolution ("float32", "tf32",
+    "bfloat16"; see ``lenet_jax.precision``).
+    bias_init: "fan_in" (biases drawn like their unit's weights) or "zero".
 
     The modern counterparts of the paper's components, one switch each (the defaults are
     the paper's): ``activation`` ("scaled_tanh", "relu", "selu"), ``subsampling``
@@ -59,6 +62,8 @@ class LeNet5(nn.Module):
     init_exponent: float = 1.0
     init_scale: float = INIT_SCALE
     conv_impl: str = "patches"
+    precision: str = "float32"
+    bias_init: str = "fan_in"
     activation: str = "scaled_tanh"
     subsampling: str = "trainable"
     c3: str = "table"
@@ -77,27 +82,28 @@ class LeNet5(nn.Module):
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"the dropout rate must be in [0, 1), got {self.dropout}")
-        e, s = self.init_exponent, self.init_scale
-        self.C1 = MaskedConv(features=6, init_exponent=e, init_scale=s, impl=self.conv_impl)
+        init = dict(init_exponent=self.init_exponent, init_scale=self.init_scale, bias_init=self.bias_init)
+        conv = dict(impl=self.conv_impl, precision=self.precision)
+        self.C1 = MaskedConv(features=6, **init, **conv)
         self.S2 = self._subsampling()
         if self.conv == "separable":
-            self.C3 = SeparableConv(features=16, table=self.c3_table, init_exponent=e, init_scale=s)
-            self.C5 = SeparableConv(features=120, init_exponent=e, init_scale=s)
+            self.C3 = SeparableConv(features=16, table=self.c3_table, precision=self.precision, **init)
+            self.C5 = SeparableConv(features=120, precision=self.precision, **init)
         else:
-            self.C3 = MaskedConv(features=16, table=self.c3_table, init_exponent=e, init_scale=s, impl=self.conv_impl)
-            self.C5 = MaskedConv(features=120, init_exponent=e, init_scale=s, impl=self.conv_impl)
+            self.C3 = MaskedConv(features=16, table=self.c3_table, **init, **conv)
+            self.C5 = MaskedConv(features=120, **init, **conv)
         self.S4 = self._subsampling()
-        self.F6 = FullConnection(features=84, init_exponent=e, init_scale=s)
+        self.F6 = FullConnection(features=84, precision=self.precision, **init)
         self.squash = ACTIVATIONS[self.activation]()
         self.drop = nn.Dropout(rate=self.dropout)
         if self.head == "softmax":
-            self.output = FullConnection(features=10, init_exponent=e, init_scale=s)
+            self.output = FullConnection(features=10, precision=self.precision, **init)
         else:
             self.rbf = EuclideanRBF()
 
     def _subsampling(self) -> nn.Module:
         if self.subsampling == "trainable":
-            return TrainableSubsampling(init_exponent=self.init_exponent, init_scale=self.init_scale)
+            return TrainableSubsampling(init_exponent=self.init_exponent, init_scale=self.init_scale, bias_init=self.bias_init)
         return FixedSubsampling(kind=self.subsampling)
 
     def _stages(self) -> list[nn.Module]:

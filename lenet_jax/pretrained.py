@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,12 @@ import jax
 import numpy as np
 
 from lenet_jax.config import Config
+from lenet_jax.errors import command
+from lenet_jax.factories import make_model
+from lenet_jax.fileio import atomic_write, atomic_write_text
 from lenet_jax.layers import connection_mask
+from lenet_jax.model import init_params
+from lenet_jax.training import restore_run
 
 PRETRAINED = Path(__file__).parent / "pretrained" / "lenet5_mnist"
 """The shipped model: ``PRETRAINED.with_suffix('.npz')`` and ``.json``."""
@@ -34,18 +37,6 @@ def _flatten(params: Any) -> dict[str, np.ndarray]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         flat["/".join(k.key for k in path)] = np.asarray(leaf, np.float32)
     return flat
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export(params: Any, config: Config, record: dict[str, Any], base: Path | str = PRETRAINED) -> Path:
@@ -59,17 +50,14 @@ def export(params: Any, config: Config, record: dict[str, Any], base: Path | str
         "test_error": history[-1]["test_error"] if history else None,
         "history": history,
     }
-    _atomic_write(base.with_suffix(".npz"), lambda f: np.savez(f, **_flatten(params)))
-    _atomic_write(base.with_suffix(".json"), lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+    atomic_write(base.with_suffix(".npz"), lambda f: np.savez(f, **_flatten(params)))
+    atomic_write_text(base.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     return base
 
 
 def load(base: Path | str = PRETRAINED) -> tuple[Any, Config, dict[str, Any]]:
     """The parameters, config and metadata of an exported model, checked against the
     parameter shapes the config's model has."""
-    from lenet_jax.training import make_model
-    from lenet_jax.model import init_params
-
     base = Path(base)
     npz, meta_path = base.with_suffix(".npz"), base.with_suffix(".json")
     for p in (npz, meta_path):
@@ -77,7 +65,7 @@ def load(base: Path | str = PRETRAINED) -> tuple[Any, Config, dict[str, Any]]:
             raise FileNotFoundError(f"{p}: the pretrained model is missing (export one with python -m lenet_jax.pretrained RUN)")
     try:
         meta = json.loads(meta_path.read_text())
-        config = Config.from_dict(meta["config"])
+        config = Config.from_dict(meta["config"], str(meta_path))
         with np.load(npz, allow_pickle=False) as z:
             flat = {k: z[k] for k in z.files}
     except (ValueError, KeyError, TypeError, OSError) as e:
@@ -102,16 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", default="latest", help="which epoch: latest, best or a number")
     parser.add_argument("--to", type=Path, default=PRETRAINED, help="output path without suffix")
     args = parser.parse_args(argv)
-    from lenet_jax.cli import guarded
-    from lenet_jax.training import restore_run
+    return _export_run(args.run, args.step, args.to)
 
-    def go() -> int:
-        state, config, record = restore_run(args.run, args.step)
-        base = export(jax.device_get(state.params), config, record, args.to)
-        print(f"exported epoch {record['epoch']} of {args.run} to {base}.npz / .json")
-        return 0
 
-    return guarded(go)
+@command
+def _export_run(run: Path, step: str, to: Path) -> int:
+    state, config, record = restore_run(run, step)
+    base = export(jax.device_get(state.params), config, record, to)
+    print(f"exported epoch {record['epoch']} of {run} to {base}.npz / .json")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """Stochastic diagonal Levenberg-Marquardt (SDLM) as an optax transformation (appendix C).
 
 Each parameter w_k moves by -eps_k dE/dw_k with eps_k = eta / (mu + h_kk), h_kk an
-estimate of the diagonal of the Hessian (Gauss-Newton). The estimate lives in the
-optimiser state; the paper recomputes it before each pass over a sample of 500 patterns
-and keeps it fixed for the pass. Put a new estimate in with ``set_hessian`` (or pass
-``hessian=`` to ``update``); compute one with ``lenet_jax.hessian``.
+estimate of the k-th diagonal entry of the Hessian (its Gauss-Newton approximation). The
+estimate lives in the optimiser state; the paper recomputes it before each pass, over 500
+patterns, and holds it fixed for the pass. Put a new one in with ``set_hessian`` (or
+pass ``hessian=`` to ``update``); compute one with ``lenet_jax.hessian``.
+
+References:
+  LeCun, Bottou, Bengio and Haffner, *Gradient-based learning applied to document
+  recognition*, Proc. IEEE 86(11), 1998: appendix C.
+  LeCun, Bottou, Orr and Mueller, *Efficient BackProp*, in Neural Networks: Tricks of the
+  Trade, 1998: section 9.1.
 """
 
 from __future__ import annotations
@@ -21,38 +27,71 @@ PAPER_ETAS = (5e-4, 5e-4, 2e-4, 2e-4, 2e-4, 1e-4, 1e-4, 1e-4, 5e-5, 5e-5, 5e-5, 
 
 
 class ScaleByInverseCurvatureState(NamedTuple):
-    """The held Hessian-diagonal estimate, one array per parameter."""
+    """The held Hessian-diagonal estimate, one array per parameter, in the parameters' dtypes."""
 
     hessian: optax.Params
 
 
-def scale_by_inverse_curvature(mu: float = PAPER_MU) -> optax.GradientTransformationExtraArgs:
-    """Divide each gradient entry by (mu + h_kk). The estimate starts at zero (so the first
-    steps are plain gradient steps scaled by 1/mu) until one is set."""
-    if not mu > 0:
+def _cast_like(tree: optax.Params, like: optax.Params) -> optax.Params:
+    return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), tree, like)
+
+
+def scale_by_inverse_curvature(mu: float | jax.Array = PAPER_MU) -> optax.GradientTransformationExtraArgs:
+    """Divide each gradient entry by (mu + h_kk), h the held Hessian-diagonal estimate.
+
+    The estimate starts at zero, so until one is set the steps are the gradient scaled by
+    1/mu. A new estimate is taken by passing ``hessian=`` to ``update`` (it is then held
+    for later calls) or with ``set_hessian``; it is cast to the parameters' dtypes.
+
+    Args:
+      mu: the damping added to every h_kk (the paper: 0.02); a float or, under
+        ``optax.inject_hyperparams``, a scalar array.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+    """
+    if isinstance(mu, (int, float)) and not mu > 0:  # a traced mu (inject_hyperparams) is not checked
         raise ValueError(f"mu must be positive, got {mu}")
 
     def init_fn(params: optax.Params) -> ScaleByInverseCurvatureState:
         return ScaleByInverseCurvatureState(hessian=jax.tree.map(jnp.zeros_like, params))
 
-    def update_fn(updates, state, params=None, *, hessian=None, **extra_args):
+    def update_fn(updates: optax.Updates, state: ScaleByInverseCurvatureState, params: optax.Params | None = None,
+                  *, hessian: optax.Params | None = None, **extra_args: Any) -> tuple[optax.Updates, ScaleByInverseCurvatureState]:
         del params, extra_args
         if hessian is not None:
-            state = ScaleByInverseCurvatureState(hessian=hessian)
-        updates = jax.tree.map(lambda g, h: g / (mu + h), updates, state.hessian)
+            state = ScaleByInverseCurvatureState(hessian=_cast_like(hessian, state.hessian))
+        updates = jax.tree.map(lambda g, h: (g / (mu + h)).astype(g.dtype), updates, state.hessian)
         return updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def sdlm(learning_rate: optax.ScalarOrSchedule, mu: float = PAPER_MU) -> optax.GradientTransformationExtraArgs:
-    """SDLM: w <- w - eta / (mu + h) * g, eta a float or an optax schedule."""
+def sdlm(learning_rate: optax.ScalarOrSchedule, mu: float | jax.Array = PAPER_MU) -> optax.GradientTransformationExtraArgs:
+    """Stochastic diagonal Levenberg-Marquardt: w <- w - eta / (mu + h) * g.
+
+    Args:
+      learning_rate: the global step eta, a float or an optax schedule (the paper's is
+        ``paper_schedule``).
+      mu: the damping (the paper: 0.02).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its state holds the Hessian-diagonal
+      estimate (``get_hessian``, ``set_hessian``). Works under ``optax.inject_hyperparams``.
+
+    Usage::
+
+      tx = sdlm(paper_schedule(steps_per_pass=60_000))
+      state = set_hessian(tx.init(params), lenet_jax.hessian.paper_diagonal(model, objective, params, x, y))
+      updates, state = tx.update(grads, state)
+    """
     return optax.chain(scale_by_inverse_curvature(mu), optax.scale_by_learning_rate(learning_rate))
 
 
 def set_hessian(opt_state: Any, hessian: optax.Params) -> Any:
-    """Replace the held estimate anywhere inside a (possibly chained) optimiser state."""
-    return optax.tree_utils.tree_set(opt_state, hessian=hessian)
+    """``opt_state`` with its held estimate replaced by ``hessian`` (cast to the held
+    estimate's dtypes), wherever it sits in a chained or injected state."""
+    return optax.tree_utils.tree_set(opt_state, hessian=_cast_like(hessian, get_hessian(opt_state)))
 
 
 def get_hessian(opt_state: Any) -> optax.Params:
@@ -67,7 +106,15 @@ def uses_curvature(opt_state: Any) -> bool:
 
 def paper_schedule(steps_per_pass: int, eta: float = PAPER_ETAS[0]) -> optax.Schedule:
     """The paper's global step by pass (0.0005 x2, 0.0002 x3, 0.0001 x3, 0.00005 x4, then
-    0.00001), as a function of the optimiser step; ``eta`` rescales the whole table."""
+    0.00001), as a function of the optimiser step.
+
+    Args:
+      steps_per_pass: optimiser updates in one pass over the training set.
+      eta: the first pass's step; the whole table is rescaled by eta / 0.0005.
+
+    Returns:
+      An ``optax.Schedule``.
+    """
     if steps_per_pass < 1:
         raise ValueError(f"steps_per_pass must be at least 1, got {steps_per_pass}")
     scale = eta / PAPER_ETAS[0]

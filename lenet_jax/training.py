@@ -1,274 +1,61 @@
-"""Training and evaluation: pure, compiled functions over data that lives on the device.
+"""The training loop: ``fit`` a Config on a Dataset into a run folder, resume it from
+wherever it stopped, and ``restore_run`` a saved pass.
 
-An epoch is a few calls of one jitted ``lax.scan`` over shuffled index batches (the
-chunks only exist to drive a progress bar); nothing runs in Python per step, so batch
-size 1 (the paper's pure stochastic updates) is as cheap as the arithmetic allows.
+The loop is thin: it chooses chunks of the epoch's index batches, calls the compiled
+``steps.compiled_train_chunk`` on each, refreshes SDLM's curvature before each pass,
+evaluates after it, and saves. Where a run stands is its optimiser step
+(``checkpoint.Position``); everything random is derived from the seed and that position,
+so a run stopped anywhere resumes bit for bit.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lenet_jax import checkpoint as ckpt
-from lenet_jax import hessian
-from lenet_jax.config import Config
-from lenet_jax.data import Dataset, pad_images, preprocess, split_validation
-from lenet_jax.distort import Distortion, distort_batch
-from lenet_jax.losses import Objective
-from lenet_jax.model import LeNet5, count_parameters, init_params
-from lenet_jax.parallel import choose_devices, data_mesh, is_primary, put_replicated, split_batch
-from lenet_jax.sdlm import paper_schedule, sdlm, set_hessian, uses_curvature
+from lenet_jax.checkpoint import Position
+from lenet_jax.config import Config, load_config_file
+from lenet_jax.data import Dataset, split_validation
+from lenet_jax.errors import CheckpointError
+from lenet_jax.factories import conv_impl_for, create_state, make_model
+from lenet_jax.fileio import atomic_write_text, exclusive
+from lenet_jax.inputs import pad_images
+from lenet_jax.model import count_parameters
+from lenet_jax.parallel import choose_devices, data_mesh, is_primary, put_replicated
+from lenet_jax.sdlm import uses_curvature
+from lenet_jax.steps import compiled_train_chunk, epoch_batches, evaluate, refresh_curvature, step_keys
 
-Metrics = dict[str, jax.Array]
-
-
-# --------------------------------------------------------------------------- set-up
-
-
-def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
-    lr = config.learning_rate
-    if config.schedule == "paper":
-        return paper_schedule(steps_per_epoch, lr)
-    if config.schedule == "cosine":
-        return optax.cosine_decay_schedule(lr, config.epochs * steps_per_epoch)
-    return optax.constant_schedule(lr)
-
-
-def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-    """SDLM (the paper), plain SGD, SGD with momentum or Adam, on the configured schedule."""
-    schedule = make_schedule(config, steps_per_epoch)
-    if config.optimizer == "sdlm":
-        tx = sdlm(schedule, mu=config.mu)
-    elif config.optimizer == "sgd":
-        tx = optax.sgd(schedule)
-    elif config.optimizer == "momentum":
-        tx = optax.sgd(schedule, momentum=config.momentum)
-    else:
-        tx = optax.adam(schedule)
-    if config.weight_decay:
-        weights_only = lambda params: jax.tree.map_with_path(lambda path, _: path[-1].key != "bias", params)  # noqa: E731
-        tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=weights_only), tx)
-    return tx
-
-
-def make_model(config: Config, inference: bool = False, forward_mode: bool = False) -> LeNet5:
-    """The LeNet5 module ``config`` describes. "auto" convolutions resolve by backend and
-    use: "custom_vjp" for training on the CPU (its hand-written gradient runs far faster
-    inside the compiled epoch), "xla" elsewhere and for inference (``inference=True``),
-    where ``lax.conv`` is the faster forward pass on the CPU too (README, Speed).
-    ``forward_mode=True`` (a model ``jax.jvp`` will differentiate) turns "custom_vjp" into
-    "patches". Every implementation computes the same function on the same parameters."""
-    impl = config.conv_impl
-    if impl == "auto":
-        impl = "custom_vjp" if jax.default_backend() == "cpu" and not inference else "xla"
-    if forward_mode and impl == "custom_vjp":
-        impl = "patches"
-    return LeNet5(
-        head=config.head, init_exponent=config.init_exponent, init_scale=config.init_scale, conv_impl=impl,
-        activation=config.activation, subsampling=config.subsampling, c3=config.c3, conv=config.conv, dropout=config.dropout,
-    )
-
-
-def create_state(config: Config, steps_per_epoch: int) -> TrainState:
-    """A fresh TrainState for ``config``, parameters drawn from its seed."""
-    model = make_model(config)
-    params = init_params(model, jax.random.fold_in(jax.random.key(config.seed), 0))
-    return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config, steps_per_epoch))
-
-
-def epoch_key(seed: int, epoch: int, purpose: int) -> jax.Array:
-    """Stateless per-epoch randomness: a run is reproducible and resumable from its seed."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), purpose)
-
-
-# --------------------------------------------------------------------------- pure steps
-
-
-def loss_fn(
-    params: Any, apply_fn: Callable, objective: Objective, x: jax.Array, y: jax.Array, key: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Mean loss of a batch, and its number of errors (the on-the-fly training error).
-    With a ``key`` the model runs in training mode (dropout on, when it has any)."""
-    if key is None:
-        scores = apply_fn({"params": params}, x)
-    else:
-        scores = apply_fn({"params": params}, x, train=True, rngs={"dropout": key})
-    errors = jnp.sum(objective.predict(scores) != y)
-    return jnp.mean(objective.per_sample(scores, y)), errors
-
-
-def train_step(
-    state: TrainState, x: jax.Array, y: jax.Array, objective: Objective, key: jax.Array | None = None
-) -> tuple[TrainState, Metrics]:
-    """One update on a preprocessed batch; ``key`` drives dropout."""
-    (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.apply_fn, objective, x, y, key)
-    state = state.apply_gradients(grads=grads)
-    return state, {"loss": loss * y.shape[0], "errors": errors, "finite": jnp.isfinite(loss)}
-
-
-@functools.partial(jax.jit, static_argnames=("objective", "mesh", "augment"), donate_argnames=("state",))
-def train_chunk(
-    state: TrainState,
-    images: jax.Array,
-    labels: jax.Array,
-    batches: jax.Array,
-    objective: Objective,
-    mesh: Mesh | None = None,
-    key: jax.Array | None = None,
-    augment: Distortion | None = None,
-) -> tuple[TrainState, Metrics]:
-    """Scan ``train_step`` over rows of ``batches`` (indices into the uint8 ``images``:
-    28x28, or faster padded once by ``pad_images``), each batch split over ``mesh`` when
-    one is given (data parallelism).
-
-    With a ``key``, each update's randomness (dropout, and the distortion ``augment`` of
-    its batch) is drawn from ``key`` folded with the optimiser step, so a resumed run
-    draws exactly what an uninterrupted one would."""
-
-    def body(carry, idx):
-        state, totals = carry
-        x = preprocess(images[idx])
-        step_key = None if key is None else jax.random.fold_in(key, state.step)
-        if augment is not None:
-            if step_key is None:
-                raise ValueError("distorting the training batches needs a key")
-            step_key, distort_key = jax.random.split(step_key)
-            x = distort_batch(distort_key, x, augment)
-        x, y = split_batch(x, mesh), split_batch(labels[idx], mesh)
-        state, m = train_step(state, x, y, objective, step_key)
-        totals = {
-            "loss": totals["loss"] + m["loss"],
-            "errors": totals["errors"] + m["errors"],
-            "finite": totals["finite"] & m["finite"],
-        }
-        return (state, totals), None
-
-    zero = {"loss": jnp.zeros((), jnp.float32), "errors": jnp.zeros((), jnp.int32), "finite": jnp.ones((), bool)}
-    (state, totals), _ = jax.lax.scan(body, (state, zero), batches)
-    return state, totals
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "objective", "batch_size"))
-def evaluate_arrays(
-    params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array, objective: Objective, batch_size: int = 1000
-) -> dict[str, jax.Array]:
-    """Summed loss, error count and predictions over uint8 ``images``, in batches."""
-    n = images.shape[0]
-    nb = -(-n // batch_size)
-    pad = nb * batch_size - n
-    imgs = jnp.pad(images, ((0, pad), (0, 0), (0, 0))).reshape(nb, batch_size, 28, 28)
-    labs = jnp.pad(labels, (0, pad)).reshape(nb, batch_size)
-
-    def one(args):
-        x, y = args
-        scores = apply_fn({"params": params}, preprocess(x))
-        return objective.per_sample(scores, y), objective.predict(scores)
-
-    losses, preds = jax.lax.map(one, (imgs, labs))
-    losses, preds = losses.reshape(-1)[:n], preds.reshape(-1)[:n]
-    return {"loss": jnp.sum(losses), "errors": jnp.sum(preds != labels), "predictions": preds}
-
-
-def evaluate(params: Any, apply_fn: Callable, images: Any, labels: Any, objective: Objective, batch_size: int = 1000) -> dict[str, Any]:
-    """Mean loss, error rate, error count, predictions and confusion matrix (rows: true)."""
-    out = evaluate_arrays(params, apply_fn, jnp.asarray(images), jnp.asarray(labels), objective, min(batch_size, len(labels)))
-    preds = np.asarray(out["predictions"])
-    labels = np.asarray(labels)
-    confusion = np.zeros((10, 10), np.int64)
-    np.add.at(confusion, (labels, preds), 1)
-    n = len(labels)
-    return {
-        "loss": float(out["loss"]) / n,
-        "error": int(out["errors"]) / n,
-        "errors": int(out["errors"]),
-        "n": n,
-        "predictions": preds,
-        "confusion": confusion,
-    }
-
-
-@functools.partial(jax.jit, static_argnames=("estimator", "model", "objective", "probes"))
-def estimate_hessian(
-    params: Any,
-    images: jax.Array,
-    labels: jax.Array,
-    pick: jax.Array,
-    key: jax.Array,
-    estimator: str,
-    model: LeNet5,
-    objective: Objective,
-    probes: int = 8,
-) -> Any:
-    """A compiled Hessian-diagonal estimate over the uint8 ``images[pick]`` (see
-    ``lenet_jax.hessian``)."""
-    return hessian.estimate(estimator, model, objective, params, preprocess(images[pick]), labels[pick], key, probes=probes)
-
-
-def refresh_curvature(state: TrainState, images: jax.Array, labels: jax.Array, config: Config, epoch: int) -> TrainState:
-    """Before a pass: average the estimate over ``config.hessian_samples`` random training
-    patterns and hold it fixed in the optimiser state for the pass (appendix C). The
-    patterns are the same on every device: the average is over the global sample."""
-    n = labels.shape[0]
-    key = epoch_key(config.seed, epoch, 1)
-    pick = jax.random.choice(key, n, (min(config.hessian_samples, n),), replace=False)
-    h = estimate_hessian(
-        state.params, images, labels, pick, jax.random.fold_in(key, 1),
-        config.hessian_estimator, make_model(config, forward_mode=config.hessian_estimator in hessian.FORWARD_MODE_ESTIMATORS),
-        config.objective, config.hutchinson_probes,
-    )
-    return state.replace(opt_state=set_hessian(state.opt_state, h))
-
-
-# --------------------------------------------------------------------------- the loop
-
-PARTIAL = "interrupted"
-"""Folder (in a run's workdir) of the checkpoint written when a signal stops a run
-mid-epoch; it is deleted once that epoch completes."""
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
 
 
 @dataclass
 class RunResult:
-    """The state a run ended with, its per-epoch history, and, when a signal stopped it
-    early, where: ``stopped`` = {"epoch", "update", "steps"}."""
+    """The state a run ended with, its per-pass history, where it stands and how many
+    passes it was asked for (``finished`` unless a stop request ended it early)."""
 
     state: TrainState
     history: list[dict[str, Any]]
     workdir: Path
-    stopped: dict[str, int] | None = None
+    position: Position
+    epochs: int
 
-
-@dataclass
-class Position:
-    """Where a run (re)starts: after ``update`` updates of ``epoch``, with that epoch's
-    running sums so far."""
-
-    epoch: int = 1
-    update: int = 0
-    loss: float = 0.0
-    errors: int = 0
-    seconds: float = 0.0
-
-
-def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> jax.Array:
-    """The epoch's shuffled index batches, (n // batch_size, batch_size); a remainder
-    smaller than a batch is left out of that epoch (a different one each epoch)."""
-    perm = jax.random.permutation(epoch_key(seed, epoch, 0), n)
-    steps = n // batch_size
-    return perm[: steps * batch_size].reshape(steps, batch_size)
+    @property
+    def finished(self) -> bool:
+        return self.position.complete and self.position.epoch >= self.epochs
 
 
 def training_split(config: Config, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
@@ -276,55 +63,38 @@ def training_split(config: Config, dataset: Dataset) -> tuple[np.ndarray, np.nda
     train, validation = split_validation(dataset, config.validation_size, config.seed)
     images, labels = train.train_images, train.train_labels
     if config.train_subset is not None:
+        if config.train_subset > len(labels):
+            raise ValueError(f"--train-subset {config.train_subset} is larger than the {len(labels):,} training images")
         images, labels = images[: config.train_subset], labels[: config.train_subset]
     if config.batch_size > len(labels):
         raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(labels)} training images")
     return images, labels, validation
 
 
-def _wait(tree: Any) -> Any:
-    """``tree`` on the host once computed; the wait sleeps in Python, so a signal handler
-    runs (and a second signal can end the process) while a compiled chunk is running."""
-    while not all(leaf.is_ready() for leaf in jax.tree.leaves(tree)):
-        time.sleep(0.002)
-    return jax.device_get(tree)
+@dataclass(frozen=True)
+class _Run:
+    """What every pass of one run shares: its config and folder, the data on the device,
+    the mesh, the chunking, and how it reports and is stopped."""
+
+    config: Config
+    workdir: Path
+    images: jax.Array
+    labels: jax.Array
+    validation: tuple[jax.Array, jax.Array] | None
+    test: tuple[jax.Array, jax.Array]
+    test_labels: np.ndarray
+    mesh: Mesh
+    steps: int
+    chunk_len: int
+    mngr: Any
+    say: Callable[[str], None]
+    progress: bool
+    stop: Callable[[], bool]
+    infer_fn: Callable = field(repr=False)
 
 
-def _resume(
-    config: Config, template: TrainState, epochs: Any, partial: Any, log: Callable[[str], None]
-) -> tuple[TrainState, list[dict[str, Any]], Position]:
-    """The state, history and position of the newest good checkpoint of a run: an
-    interrupted epoch if one is newer than the last complete epoch, else that epoch."""
-
-    def check(record: dict[str, Any]) -> None:
-        conflicts = config.resume_conflicts(Config.from_dict(record["config"]))
-        if conflicts:
-            raise ckpt.CheckpointError("cannot resume, the checkpoint was written with different " + ", ".join(conflicts))
-
-    state, history, position = template, [], Position()
-    if epochs.latest_step() is not None:
-        step, state, record = ckpt.restore_newest_good(epochs, lambda record: template, check=check, log=log)
-        for broken in [s for s in epochs.all_steps() if s > step]:
-            epochs.delete(broken)
-        history, position = record.get("history", []), Position(epoch=step + 1)
-    if partial.latest_step() is not None:
-        try:
-            record = ckpt.read_record(partial, partial.latest_step())
-        except Exception:  # restore_newest_good below names the failure
-            record = {"epoch": position.epoch}
-        if record.get("epoch", 0) < position.epoch:
-            log(f"discarding the interrupted-epoch checkpoint: epoch {position.epoch - 1} completed after it")
-            ckpt.clear(partial)
-            return state, history, position
-        try:
-            _, state_p, record = ckpt.restore_newest_good(partial, lambda record: template, check=check, log=log)
-        except ckpt.NoGoodCheckpoint:
-            ckpt.clear(partial)
-            return state, history, position
-        p = record["partial"]
-        state, history = state_p, record["history"]
-        position = Position(record["epoch"], p["update"], p["loss"], p["errors"], p["seconds"])
-    return state, history, position
+def _zero_totals() -> dict[str, float]:
+    return {"loss": 0.0, "errors": 0, "seconds": 0.0}
 
 
 def fit(
@@ -336,156 +106,252 @@ def fit(
     progress: bool = True,
     stop: Callable[[], bool] = lambda: False,
 ) -> RunResult:
-    """Train ``config`` on ``dataset``: checkpoints, a metrics log (metrics.jsonl) and the
-    config go to ``workdir`` (from process 0 when there are several).
+    """Train ``config`` on ``dataset``: checkpoints, the metrics log and the config go to
+    ``workdir`` (written by process 0 when there are several). Only one process may
+    train in a folder at a time.
 
-    ``stop`` is asked after every compiled chunk; when it says yes the run writes a
-    checkpoint where it is (mid-epoch included) and returns, and ``resume=True`` later
-    continues it with bit-identical results. Returns the state and per-epoch history."""
+    ``stop`` is asked after every compiled chunk; when it says yes the run saves where it
+    is (mid-pass included) and returns, and ``resume=True`` later continues it with
+    bit-identical results."""
     config.validate()
     workdir = Path(workdir)
     primary = is_primary()
     say = log if primary else (lambda message: None)
     images, labels, validation = training_split(config, dataset)
-    n = len(labels)
-    steps = n // config.batch_size
+    steps = len(labels) // config.batch_size
     mesh = data_mesh(choose_devices(config.batch_size, config.devices))
     template = create_state(config, steps)
-
-    epochs_mngr = ckpt.manager(workdir / "checkpoints", keep=config.keep, track_best=validation is not None)
-    partial_mngr = ckpt.manager(workdir / PARTIAL, keep=1)
-    try:
-        existing = epochs_mngr.latest_step() is not None or partial_mngr.latest_step() is not None
-        if existing and not resume:
-            raise ckpt.CheckpointError(
-                f"{workdir} already holds checkpoints: pass --resume to continue it or choose another --workdir"
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+    with exclusive(workdir) if primary else contextlib.nullcontext():
+        mngr = ckpt.manager(workdir / CHECKPOINTS)
+        try:
+            state, history, start, totals = _start(config, template, steps, mngr, resume, workdir, say)
+            if primary:
+                atomic_write_text(workdir / CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+                _write_metrics(workdir, history, say)
+            run = _Run(
+                config=config, workdir=workdir,
+                images=put_replicated(pad_images(images), mesh), labels=put_replicated(labels, mesh),
+                validation=None if validation is None else (jax.device_put(validation[0]), jax.device_put(validation[1])),
+                test=(jax.device_put(dataset.test_images), jax.device_put(dataset.test_labels)), test_labels=dataset.test_labels,
+                mesh=mesh, steps=steps, chunk_len=math.ceil(steps / min(config.chunks, steps)), mngr=mngr, say=say,
+                progress=progress and primary, stop=stop, infer_fn=make_model(config, inference=True).apply,
             )
-        if existing:
-            state, history, start = _resume(config, template, epochs_mngr, partial_mngr, say)
-            where = f"epoch {start.epoch}, update {start.update:,} of {steps:,}" if start.update else f"the start of epoch {start.epoch}"
-            say(f"resuming {workdir} at {where}")
-        else:
-            if resume:
-                say(f"{workdir} holds no checkpoint yet: starting the run")
-            state, history, start = template, [], Position()
-        if primary:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        return _train(config, dataset, workdir, state, history, start, (images, labels, validation), mesh,
-                      (epochs_mngr, partial_mngr), say, progress and primary, stop)
-    finally:
-        epochs_mngr.close()
-        partial_mngr.close()
+            return _train(run, put_replicated(state, mesh), history, start, totals)
+        finally:
+            mngr.close()
 
 
-def _train(
-    config: Config,
-    dataset: Dataset,
-    workdir: Path,
-    state: TrainState,
-    history: list[dict[str, Any]],
-    start: Position,
-    data: tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None],
-    mesh: Mesh,
-    managers: tuple[Any, Any],
-    say: Callable[[str], None],
-    progress: bool,
-    stop: Callable[[], bool],
-) -> RunResult:
-    """The epoch loop of ``fit``, from ``start``."""
-    images, labels, validation = data
-    epochs_mngr, partial_mngr = managers
-    n, bs = len(labels), config.batch_size
-    steps = n // bs
+def _start(
+    config: Config, template: TrainState, steps: int, mngr: Any, resume: bool, workdir: Path, say: Callable[[str], None]
+) -> tuple[TrainState, list[dict[str, Any]], Position, dict[str, float]]:
+    """The state, history, position and running sums a run starts from: a fresh state,
+    or with ``resume`` the newest checkpoint that loads and fits ``config``."""
+    if mngr.latest_step() is None:
+        if resume:
+            say(f"{workdir} holds no checkpoint yet: starting the run")
+        return template, [], Position(1, 0, steps), _zero_totals()
+    if not resume:
+        raise CheckpointError(f"{workdir} already holds checkpoints: pass --resume to continue it or choose another --workdir")
+
+    def check(record: dict[str, Any]) -> None:
+        if record.get("format") != ckpt.FORMAT:
+            raise CheckpointError(f"{workdir}: its checkpoints were written by an earlier lenet-jax (numbered by pass); "
+                                  "eval.py reads them, but a run can only be resumed by the version that wrote it")
+        if "config" not in record:
+            raise CheckpointError(f"{workdir}: a checkpoint record without its config")
+        conflicts = config.resume_conflicts(Config.from_dict(record["config"], f"{workdir} checkpoint"))
+        if conflicts:
+            raise CheckpointError("cannot resume, the checkpoint was written with different " + ", ".join(conflicts))
+
+    step, state, record = ckpt.restore_newest_good(mngr, lambda record: template, check=check, log=say)
+    for broken in [s for s in mngr.all_steps() if s > step]:
+        mngr.delete(broken)
+    position = Position.of_step(int(state.step), steps)
+    if position.complete and position.epoch > config.epochs:
+        raise ValueError(f"--epochs {config.epochs}: the run in {workdir} has already completed {position.epoch} epochs")
+    totals = _zero_totals() if position.complete else {k: record["totals"][k] for k in _zero_totals()}
+    say(f"resuming {workdir} at {position.describe()}")
+    return state, list(record.get("history", [])), position, totals
+
+
+def _train(run: _Run, state: TrainState, history: list[dict[str, Any]], start: Position, totals: dict[str, float]) -> RunResult:
+    """The passes from ``start`` to the last, each saved when it completes; a stop
+    request saves mid-pass and returns."""
+    config = run.config
+    run.say(describe_run(config, state, run.steps * config.batch_size, run.mesh))
+    position = start
+    first = start.epoch + 1 if start.complete else start.epoch
+    for epoch in range(first, config.epochs + 1):
+        resumed = epoch == start.epoch
+        state, totals, done = _train_epoch(run, state, epoch, start.update if resumed else 0, totals if resumed else _zero_totals())
+        position = Position(epoch, done, run.steps)
+        if not position.complete:
+            _save(run, state, history, position, {"totals": totals})
+            run.say(f"stopped in epoch {epoch} after {done:,} of {run.steps:,} updates; checkpoint in {run.workdir / CHECKPOINTS}")
+            return RunResult(state, history, run.workdir, position, config.epochs)
+        row = _evaluate_epoch(run, state, epoch, totals)
+        history = history + [row]
+        _save(run, state, history, position, {"metrics": row})
+        if is_primary():
+            _append_metrics(run.workdir, row, run.say)
+        val = f"  val {row['val_error']:.2%}" if "val_error" in row else ""
+        run.say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_error']:.2%}{val}"
+                f"  test {row['test_error']:.2%}  {row['seconds']:.1f}s")
+        if epoch < config.epochs and run.stop():
+            run.say(f"stopped after epoch {epoch}; checkpoint in {run.workdir / CHECKPOINTS}")
+            return RunResult(state, history, run.workdir, position, config.epochs)
+    return RunResult(state, history, run.workdir, position, config.epochs)
+
+
+def describe_run(config: Config, state: TrainState, images: int, mesh: Mesh) -> str:
+    """The run's first line: the model, the optimiser, the data and how it executes."""
     parameters = count_parameters(state.params, make_model(config).c3_table)
-    state = put_replicated(state, mesh)
-    d_images, d_labels = put_replicated(pad_images(images), mesh), put_replicated(labels, mesh)
-    objective = config.objective
-    say(
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return (
         f"training LeNet-5 ({config.head} head, {config.loss} loss, {parameters:,} parameters) "
-        f"with {config.optimizer} on {n:,} {config.dataset} images, batch {bs}, {config.epochs} epochs, "
-        f"on {mesh.size} {jax.devices()[0].platform} device(s)" + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        f"with {config.optimizer} on {images:,} {config.dataset} images, batch {config.batch_size}, {config.epochs} epochs, "
+        f"on {mesh.size} {jax.devices()[0].platform} device(s){processes}; "
+        f"precision {config.precision}, convolutions {conv_impl_for(config)}"
     )
-    chunk_len = math.ceil(steps / min(config.chunks, steps))
-    step_keys = jax.random.fold_in(jax.random.key(config.seed), 2)
-    infer_fn = make_model(config, inference=True).apply
-    for epoch in range(start.epoch, config.epochs + 1):
-        so_far = start if epoch == start.epoch else Position(epoch)
-        t0 = time.perf_counter()
-        if so_far.update == 0 and uses_curvature(state.opt_state):
-            state = refresh_curvature(state, d_images, d_labels, config, epoch)
-        batches = epoch_batches(config.seed, epoch, n, bs)
-        totals = {"loss": so_far.loss, "errors": so_far.errors}
-        bar = tqdm(total=steps * bs, initial=so_far.update * bs, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not progress, leave=False)
-        for c in range(so_far.update, steps, chunk_len):
-            chunk = batches[c : c + chunk_len]
-            state, m = train_chunk(state, d_images, d_labels, chunk, objective, mesh, step_keys, config.distortion)
+
+
+def _wait(tree: Any) -> Any:
+    """``tree`` on the host once computed; the wait sleeps in Python, so a signal handler
+    runs (and a second signal can end the process) while a compiled chunk is running."""
+    while not all(leaf.is_ready() for leaf in jax.tree.leaves(tree)):
+        time.sleep(0.002)
+    return jax.device_get(tree)
+
+
+def _train_epoch(run: _Run, state: TrainState, epoch: int, first: int, totals: dict[str, float]) -> tuple[TrainState, dict[str, float], int]:
+    """Updates ``first``.. of pass ``epoch``, chunk by chunk (the curvature refreshed
+    first when the pass starts); returns the state, the pass's running sums and how many
+    updates of it are done (fewer than all when a stop request came)."""
+    config = run.config
+    t0 = time.perf_counter()
+    if first == 0 and uses_curvature(state.opt_state):
+        state = refresh_curvature(state, run.images, run.labels, config, epoch)
+    batches = epoch_batches(config.seed, epoch, run.labels.shape[0], config.batch_size)
+    keys = step_keys(config.seed)
+    bs = config.batch_size
+    bar = tqdm(total=run.steps * bs, initial=first * bs, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not run.progress, leave=False)
+    done = first
+    try:
+        for c in range(first, run.steps, run.chunk_len):
+            chunk = batches[c : c + run.chunk_len]
+            state, m = compiled_train_chunk(state, run.images, run.labels, chunk, keys, objective=config.objective,
+                                            mesh=run.mesh, augment=config.distortion)
             m = _wait(m)
             done = c + chunk.shape[0]
             if not bool(m["finite"]):
-                raise FloatingPointError(
-                    f"the loss became NaN or infinite in epoch {epoch}, updates {c + 1}-{done} of {steps}; "
-                    f"the last good checkpoint is epoch {epochs_mngr.latest_step()} in {workdir / 'checkpoints'}"
-                )
-            totals = {"loss": totals["loss"] + float(m["loss"]), "errors": totals["errors"] + int(m["errors"])}
+                last = max(run.mngr.all_steps(), default=None)
+                where = f"{Position.of_step(last, run.steps).describe()} in {run.workdir / CHECKPOINTS}" if last is not None else "none"
+                raise FloatingPointError(f"the loss became NaN or infinite in epoch {epoch}, updates {c + 1}-{done} of {run.steps}; "
+                                         f"the last good checkpoint is {where}")
+            totals = {"loss": totals["loss"] + float(m["loss"]), "errors": totals["errors"] + int(m["errors"]), "seconds": totals["seconds"]}
             bar.update(chunk.shape[0] * bs)
-            if done < steps and stop():
-                bar.close()
-                seconds = so_far.seconds + time.perf_counter() - t0
-                record = {
-                    "epoch": epoch,
-                    "config": config.to_dict(),
-                    "history": history,
-                    "partial": {"update": done, "steps": steps, "loss": totals["loss"], "errors": totals["errors"], "seconds": seconds},
-                }
-                ckpt.save(partial_mngr, (epoch - 1) * steps + done, state, record)
-                say(f"stopped in epoch {epoch} after {done:,} of {steps:,} updates; checkpoint in {workdir / PARTIAL}")
-                return RunResult(state=state, history=history, workdir=workdir, stopped={"epoch": epoch, "update": done, "steps": steps})
+            if done < run.steps and run.stop():
+                break
+    finally:
         bar.close()
-        train_seconds = so_far.seconds + time.perf_counter() - t0
-        seen = steps * bs
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": totals["loss"] / seen,
-            "train_error": totals["errors"] / seen,
-            "seconds": train_seconds,
-        }
-        params = jax.device_get(state.params)
-        if validation is not None:
-            v = evaluate(params, infer_fn, *validation, objective, config.eval_batch_size)
-            row.update(val_loss=v["loss"], val_error=v["error"])
-        t = evaluate(params, infer_fn, dataset.test_images, dataset.test_labels, objective, config.eval_batch_size)
-        row.update(test_loss=t["loss"], test_error=t["error"])
-        history = history + [row]
-        if is_primary():
-            with open(workdir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        ckpt.save(epochs_mngr, epoch, state, {"epoch": epoch, "config": config.to_dict(), "metrics": row, "history": history})
-        ckpt.clear(partial_mngr)
-        val = f"  val {row['val_error']:.2%}" if validation is not None else ""
-        say(
-            f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_error']:.2%}{val}"
-            f"  test {row['test_error']:.2%}  {train_seconds:.1f}s"
-        )
-        if epoch < config.epochs and stop():
-            say(f"stopped after epoch {epoch}; checkpoint in {workdir / 'checkpoints'}")
-            return RunResult(state=state, history=history, workdir=workdir, stopped={"epoch": epoch, "update": steps, "steps": steps})
-    return RunResult(state=state, history=history, workdir=workdir)
+    totals["seconds"] += time.perf_counter() - t0
+    return state, totals, done
+
+
+def _evaluate_epoch(run: _Run, state: TrainState, epoch: int, totals: dict[str, float]) -> dict[str, Any]:
+    """The history row of a completed pass: its running training loss and error, its
+    seconds, and the test (and validation) loss and error after it."""
+    seen = run.steps * run.config.batch_size
+    row: dict[str, Any] = {"epoch": epoch, "train_loss": totals["loss"] / seen, "train_error": totals["errors"] / seen, "seconds": totals["seconds"]}
+    params = jax.device_get(state.params)
+    objective, batch = run.config.objective, run.config.eval_batch_size
+    if run.validation is not None:
+        v = evaluate(params, run.infer_fn, *run.validation, objective, batch)
+        row.update(val_loss=v["loss"], val_error=v["error"])
+    t = evaluate(params, run.infer_fn, *run.test, objective, batch)
+    row.update(test_loss=t["loss"], test_error=t["error"])
+    return row
+
+
+def _save(run: _Run, state: TrainState, history: list[dict[str, Any]], position: Position, extra: dict[str, Any]) -> None:
+    record = {"epoch": position.epoch, "update": position.update, "steps_per_epoch": run.steps,
+              "config": run.config.to_dict(), "history": history, **extra}
+    ckpt.save(run.mngr, position.step, state, record)
+    ckpt.prune(run.mngr, run.config.keep)
+
+
+def _write_metrics(workdir: Path, history: list[dict[str, Any]], say: Callable[[str], None]) -> None:
+    """The metrics log rewritten from the checkpointed history: each pass once, whatever
+    earlier runs of the folder appended."""
+    try:
+        atomic_write_text(workdir / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+    except OSError as e:
+        say(f"warning: cannot write {workdir / METRICS} ({e.strerror or type(e).__name__}); the checkpoints hold the history")
+
+
+def _append_metrics(workdir: Path, row: dict[str, Any], say: Callable[[str], None]) -> None:
+    try:
+        with open(workdir / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        say(f"warning: cannot write {workdir / METRICS} ({e.strerror or type(e).__name__}); the checkpoint of epoch {row['epoch']} holds it")
+
+
+# --------------------------------------------------------------------------- saved runs
 
 
 def checkpoint_dir(path: Path | str) -> Path:
     """Accept a run's workdir or its checkpoints folder."""
     path = Path(path)
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+
+
+def _steps_per_epoch(config: Config, record: dict[str, Any]) -> int:
+    """Optimiser updates per pass of the run a record comes from (runs of an earlier
+    layout did not record it: their count is derived from a 60,000-image training set)."""
+    if "steps_per_epoch" in record:
+        return int(record["steps_per_epoch"])
+    n = 60_000 - config.validation_size
+    return max(1, (min(n, config.train_subset or n)) // config.batch_size)
 
 
 def restore_run(path: Path | str, which: str = "best", log: Callable[[str], None] = print) -> tuple[TrainState, Config, dict[str, Any]]:
-    """The state, config and record of a saved epoch ("best", "latest" or a number); if
-    that one does not load, the newest older one that does (the skipped ones are named)."""
+    """The state (its optimiser on the run's own schedule), config and record of a saved
+    pass ("best", "latest" or a pass number); if that one does not load, the newest older
+    one that does (the skipped ones are named)."""
     mngr = ckpt.manager(checkpoint_dir(path), create=False)
-    newest = ckpt.choose_step(mngr, which)
-    _, state, record = ckpt.restore_newest_good(
-        mngr, lambda record: create_state(Config.from_dict(record["config"]), 1), newest=newest, log=log
-    )
-    mngr.close()
+    try:
+        newest = ckpt.choose_step(mngr, which)
+
+        def target(record: dict[str, Any]) -> TrainState:
+            config = Config.from_dict(record.get("config"), f"{path} checkpoint")
+            return create_state(config, _steps_per_epoch(config, record))
+
+        _, state, record = ckpt.restore_newest_good(mngr, target, newest=newest, log=log, accept=ckpt.is_complete)
+    finally:
+        mngr.close()
     return state, Config.from_dict(record["config"]), record
+
+
+def saved_config(workdir: Path, log: Callable[[str], None] = print) -> Config | None:
+    """The config of the run in ``workdir``: from its newest checkpoint that reads, else
+    from its config.json; None for a folder with neither."""
+    folder = workdir / CHECKPOINTS
+    if folder.is_dir():
+        mngr = ckpt.manager(folder, create=False)
+        try:
+            for step in sorted(mngr.all_steps(), reverse=True):
+                try:
+                    record = ckpt.read_record(mngr, step)
+                except Exception:  # the restore on resume names it
+                    continue
+                if "config" in record:
+                    return Config.from_dict(record["config"], f"{folder} step {step}")
+        finally:
+            mngr.close()
+    saved = workdir / CONFIG
+    if saved.is_file():
+        return load_config_file(saved)
+    return None

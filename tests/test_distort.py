@@ -9,12 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lenet_jax.cli.train import main as train_main
 from lenet_jax.config import Config
-from lenet_jax.data import BACKGROUND, preprocess
 from lenet_jax.distort import Distortion, distort_batch, random_affine, warp
-from lenet_jax.training import create_state, fit, train_chunk
+from lenet_jax.factories import create_state
+from lenet_jax.inputs import BACKGROUND, preprocess
+from lenet_jax.steps import train_chunk
+from lenet_jax.training import fit
 
-from test_training import QUIET, run, small
+from conftest import QUIET, small
 
 
 def test_identity_warp_returns_the_image(digits):
@@ -59,6 +62,7 @@ def test_probability_decides_how_many_are_distorted(digits):
     assert 0.85 < changed < 0.95
 
 
+@pytest.mark.slow
 def test_distorted_training_differs_and_is_reproducible(mnist):
     config = Config(epochs=1, train_subset=64)
     images, labels = jnp.asarray(mnist.train_images[:64]), jnp.asarray(mnist.train_labels[:64])
@@ -67,13 +71,14 @@ def test_distorted_training_differs_and_is_reproducible(mnist):
 
     def train(augment):
         state = create_state(config, 64)
-        return train_chunk(state, images, labels, batches, config.objective, None, key, augment)[0].params
+        return train_chunk(state, images, labels, batches, key, objective=config.objective, augment=augment)[0].params
 
     plain, a, b = train(None), train(Distortion()), train(Distortion())
     chex.assert_trees_all_equal(a, b)
     assert not np.allclose(plain["F6"]["kernel"], a["F6"]["kernel"])
 
 
+@pytest.mark.slow
 def test_distorted_run_resumes_exactly(mnist, tmp_path):
     data = small(mnist, 200, 100)
     config = Config(epochs=2, train_subset=200, hessian_samples=20, distort=True, dropout=0.2)
@@ -83,19 +88,27 @@ def test_distorted_run_resumes_exactly(mnist, tmp_path):
     chex.assert_trees_all_equal(straight.state.params, resumed.state.params)
 
 
-def test_distortion_preprocessing_is_on_the_padded_input(mnist):
-    x = preprocess(jnp.asarray(mnist.train_images[:2]))
-    assert distort_batch(jax.random.key(0), x, Distortion()).shape == (2, 32, 32, 1)
+def test_each_image_gets_its_own_draw_applied_to_the_padded_input(mnist):
+    """distort_batch = warp of each padded 32x32 input by its own key's affine map."""
+    x = preprocess(jnp.asarray(np.repeat(mnist.train_images[:1], 3, axis=0)))
+    d = Distortion(probability=1.0)
+    got = distort_batch(jax.random.key(4), x, d)
+    for i, k in enumerate(jax.random.split(jax.random.key(4), 3)):
+        matrix, shift = random_affine(jax.random.split(k)[1], d)
+        np.testing.assert_allclose(got[i], warp(x[i], matrix, shift), atol=1e-6)
+    assert not np.allclose(got[0], got[1]) and not np.allclose(got[0], x[0])
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--distort-scale", "1.5"], "must be below 1"),
-        (["--distort-probability", "2"], "--distort-probability must be in [0, 1]"),
-        (["--distort-shear", "-0.1"], "--distort-shear must be 0 or more"),
+        (["--distort-probability", "2"], "--distort-probability must be at most 1.0"),
+        (["--distort-shear", "-0.1"], "--distort-shear must be at least 0.0"),
+        (["--distort-translate", "inf"], "--distort-translate must be a finite number"),
     ],
 )
-def test_bad_distortion_ranges_exit_2(args, message, tmp_path):
-    out = run("train.py", "--distort", *args, "--workdir", str(tmp_path / "r"))
-    assert out.returncode == 2 and out.stderr.strip().startswith("error:") and message in out.stderr, out.stderr
+def test_bad_distortion_ranges_exit_2(args, message, tmp_path, capsys):
+    assert train_main(["--distort", *args, "--workdir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from lenet_jax.bitmaps import DIGIT_BITMAPS, RBF_CENTRES, ascii_art, hamming_distances
+from lenet_jax.conv import overlap_add, patches, valid_conv
 from lenet_jax.layers import (
-    _overlap_add,
-    _patches,
     AMPLITUDE,
     C3_TABLE,
     EuclideanRBF,
@@ -20,7 +19,6 @@ from lenet_jax.layers import (
     ScaledTanh,
     TrainableSubsampling,
     connection_mask,
-    valid_conv,
 )
 from lenet_jax.model import STAGES, LeNet5, count_parameters, init_params, layer_table
 
@@ -121,7 +119,7 @@ def test_masked_kernel_entries_start_at_zero_and_get_zero_gradient(rbf_model, di
     def loss(p):
         return jnp.sum(model.apply({"params": p}, x)[jnp.arange(len(y)), y])
 
-    grad = jax.grad(loss)(params)["C3"]["kernel"]
+    grad = jax.jit(jax.grad(loss))(params)["C3"]["kernel"]
     assert np.all(np.asarray(grad) * (1 - mask) == 0)
     assert np.any(np.asarray(grad) * mask != 0)
 
@@ -149,7 +147,7 @@ def test_init_exponent_one_half_scales_by_square_root_of_fan_in():
 
 
 @pytest.mark.parametrize("impl", ["patches", "custom_vjp"])
-@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (3, 14, 14, 6), (1, 5, 5, 16), (2, 3, 14, 14, 6)])
+@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (1, 5, 5, 16), *(pytest.param(s, marks=pytest.mark.slow) for s in ((3, 14, 14, 6), (2, 3, 14, 14, 6)))])
 def test_every_convolution_path_equals_lax_conv_with_gradients(impl, shape):
     x = jax.random.normal(jax.random.key(0), shape)
     kernel = jax.random.normal(jax.random.key(1), (5, 5, shape[-1], 7))
@@ -157,20 +155,21 @@ def test_every_convolution_path_equals_lax_conv_with_gradients(impl, shape):
     def f(impl):
         return lambda x, k: jnp.sum(jnp.sin(valid_conv(x, k, impl)))
 
-    chex.assert_trees_all_close(valid_conv(x, kernel, impl), valid_conv(x, kernel, "xla"), rtol=1e-4, atol=1e-4)
-    grads = jax.grad(f(impl), argnums=(0, 1))(x, kernel)
-    g_xla = jax.grad(f("xla"), argnums=(0, 1))(x, kernel)
+    conv = jax.jit(valid_conv, static_argnums=2)
+    chex.assert_trees_all_close(conv(x, kernel, impl), conv(x, kernel, "xla"), rtol=1e-4, atol=1e-4)
+    grads = jax.jit(jax.grad(f(impl), argnums=(0, 1)))(x, kernel)
+    g_xla = jax.jit(jax.grad(f("xla"), argnums=(0, 1)))(x, kernel)
     for got, want in zip(grads, g_xla):  # sums of many mixed-sign terms: float error scales with the largest entry
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
-@pytest.mark.parametrize("shape,k", [((2, 32, 32, 1), 5), ((3, 14, 14, 6), 5), ((2, 3, 9, 7, 4), 3)])
+@pytest.mark.parametrize("shape,k", [((2, 32, 32, 1), 5), ((3, 14, 14, 6), 5), pytest.param((2, 3, 9, 7, 4), 3, marks=pytest.mark.slow)])
 def test_window_extraction_by_gather_and_its_overlap_add_adjoint(shape, k):
     x = jax.random.normal(jax.random.key(0), shape)
-    cols = _patches(x, k, gather=True)
-    np.testing.assert_array_equal(cols, _patches(x, k))
+    cols = patches(x, k, gather=True)
+    np.testing.assert_array_equal(cols, patches(x, k))
     y = jax.random.normal(jax.random.key(1), cols.shape)
-    back = _overlap_add(y, k, shape[-1])
+    back = overlap_add(y, k, shape[-1])
     chex.assert_shape(back, shape)
     np.testing.assert_allclose(float(jnp.vdot(cols, y)), float(jnp.vdot(x, back)), rtol=1e-5)  # <Px, y> = <x, P^T y>
 
@@ -185,12 +184,12 @@ def test_every_convolution_path_gives_the_same_network_and_gradients(impl, digit
     x, y = digits
     a, b = LeNet5(conv_impl=impl), LeNet5(conv_impl="xla")
     params = init_params(a, jax.random.key(3))
-    chex.assert_trees_all_close(a.apply({"params": params}, x), b.apply({"params": params}, x), rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(jax.jit(a.apply)({"params": params}, x), jax.jit(b.apply)({"params": params}, x), rtol=1e-4, atol=1e-4)
 
     def loss(model):
         return lambda p: jnp.sum(jnp.take_along_axis(model.apply({"params": p}, x), y[:, None], 1))
 
-    g, g_xla = jax.grad(loss(a))(params), jax.grad(loss(b))(params)
+    g, g_xla = jax.jit(jax.grad(loss(a)))(params), jax.jit(jax.grad(loss(b)))(params)
     chex.assert_trees_all_close(g, g_xla, rtol=1e-4, atol=1e-6)
     assert float(jnp.max(jnp.abs(g["C3"]["kernel"] * (1 - connection_mask(C3_TABLE, 6))))) == 0.0  # C3's table holds
 

@@ -4,25 +4,30 @@ the layer table and the figures, through the library and through ``eval.py``."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from lenet_jax import pretrained
-from lenet_jax.predict import ImageError, image_paths, mnist_recipe, predict_images, read_grey
+from lenet_jax.cli.evaluate import main as eval_main
+from lenet_jax.config import Config
+from lenet_jax.factories import make_model
+from lenet_jax.model import init_params
+from lenet_jax.predict import ImageError, image_paths, mnist_recipe, predict_digits, predict_images, read_grey
+from lenet_jax.steps import evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_script
 
 
-def eval_py(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+def eval_py(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``eval.py`` run in this process: its exit code, stdout and stderr."""
+    code = eval_main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def photo_of(
@@ -100,8 +105,6 @@ def test_missing_file_and_folder_are_named(tmp_path):
 
 def test_pretrained_model_reads_photos_and_skips_bad_images(mnist, tmp_path):
     params, config, meta = pretrained.load()
-    from lenet_jax.training import make_model
-
     paths = [photo_of(mnist.test_images[i], tmp_path / f"{i}.png", mode=("RGBA" if i == 2 else "RGB")) for i in range(8)]
     (tmp_path / "blank.png").write_bytes((tmp_path / "0.png").read_bytes())
     Image.new("L", (30, 30), 255).save(tmp_path / "blank.png")
@@ -117,42 +120,48 @@ def test_pretrained_model_reads_photos_and_skips_bad_images(mnist, tmp_path):
         assert r.margin == pytest.approx(sorted(r.scores)[1] - min(r.scores))
 
 
-def test_eval_image_command_answers_the_good_ones_and_exits_2(mnist, tmp_path):
+def test_eval_image_command_answers_the_good_ones_and_exits_2(mnist, tmp_path, capsys):
     folder = tmp_path / "mine"
     folder.mkdir()
     for i in range(3):
         photo_of(mnist.test_images[i], folder / f"d{i}.png")
     (folder / "notes.txt").write_text("skipped: not an image suffix")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
-    out = eval_py("--image", str(folder))
-    assert out.returncode == 2
-    lines = out.stdout.strip().splitlines()
+    code, out, err = eval_py(capsys, "--image", str(folder))
+    assert code == 2
+    lines = out.strip().splitlines()
     assert len(lines) == 3 and all("penalties 0:" in line and "margin" in line for line in lines)
     assert [line.split(": ")[1][0] for line in lines] == [str(mnist.test_labels[i]) for i in range(3)]
-    assert "broken.jpg: not a readable image" in out.stderr and "1 of 4 images could not be used" in out.stderr
-    out = eval_py("--image", str(folder / "d0.png"), "--json")
+    assert "broken.jpg: not a readable image" in err and "1 of 4 images could not be used" in err
+    code, out, err = eval_py(capsys, "--image", str(folder / "d0.png"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["digit"] == int(mnist.test_labels[0])
+
+
+@pytest.mark.slow
+def test_eval_py_predicts_as_a_program(mnist, tmp_path):
+    photo_of(mnist.test_images[0], tmp_path / "d0.png")
+    out = run_script("eval.py", "--image", str(tmp_path / "d0.png"), "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["digit"] == int(mnist.test_labels[0])
 
 
-def test_image_folder_without_images_is_one_line_error(tmp_path):
-    out = eval_py("--image", str(tmp_path))
-    assert out.returncode == 2 and out.stderr.strip().startswith("error: --image: no image files found")
+def test_image_folder_without_images_is_one_line_error(tmp_path, capsys):
+    code, _, err = eval_py(capsys, "--image", str(tmp_path))
+    assert code == 2 and err.strip().startswith("error: --image: no image files found")
     assert image_paths([tmp_path]) == []
 
 
-def test_summary_prints_the_papers_totals():
-    out = eval_py("--summary")
-    assert out.returncode == 0, out.stderr
-    total = out.stdout.strip().splitlines()[-1].split()
+def test_summary_prints_the_papers_totals(capsys):
+    code, out, err = eval_py(capsys, "--summary")
+    assert code == 0, err
+    total = out.strip().splitlines()[-1].split()
     assert total == ["total", "60,000", "340,908"]
-    assert "C3" in out.stdout and "10x10x16" in out.stdout and "1,516" in out.stdout
+    assert "C3" in out and "10x10x16" in out and "1,516" in out
 
 
 def test_shipped_model_is_the_recorded_paper_run(mnist):
     params, config, meta = pretrained.load()
-    from lenet_jax.training import evaluate, make_model
-
     assert config.optimizer == "sdlm" and config.batch_size == 1 and config.head == "rbf" and meta["epoch"] == config.epochs
     r = evaluate(params, make_model(config).apply, mnist.test_images, mnist.test_labels, config.objective)
     assert r["error"] == pytest.approx(meta["test_error"], abs=1e-9)
@@ -184,16 +193,15 @@ def test_export_round_trip(tmp_path):
     base = pretrained.export(params, config, {"epoch": 3, "history": meta["history"][:3]}, tmp_path / "copy")
     again, config2, meta2 = pretrained.load(base)
     assert config2 == config and meta2["epoch"] == 3 and meta2["test_error"] == meta["history"][2]["test_error"]
-    import jax
-
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
         np.testing.assert_array_equal(a, b)
 
 
-def test_eval_writes_every_figure(tmp_path):
-    out = eval_py("--figures", str(tmp_path / "figs"), "--json")
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
+@pytest.mark.slow
+def test_eval_writes_every_figure(tmp_path, capsys):
+    code, out, err = eval_py(capsys, "--figures", str(tmp_path / "figs"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
     names = sorted(Path(f).name for f in report["figures"])
     assert names == ["confusion.png", "error_curves.png", "feature_maps.png", "misclassified.png", "rbf_bitmaps.png"]
     for f in report["figures"]:
@@ -202,13 +210,6 @@ def test_eval_writes_every_figure(tmp_path):
 
 
 def test_softmax_models_report_probabilities(mnist):
-    import jax
-
-    from lenet_jax.config import Config
-    from lenet_jax.model import init_params
-    from lenet_jax.predict import predict_digits
-    from lenet_jax.training import make_model
-
     config = Config(head="softmax", loss="xent")
     model = make_model(config)
     params = init_params(model, jax.random.key(0))

@@ -9,17 +9,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import chex
 import pytest
 
+from lenet_jax.checkpoint import Position
 from lenet_jax.config import Config
 from lenet_jax.data import Dataset
-from lenet_jax.training import PARTIAL, fit, restore_run
+from lenet_jax.training import fit, restore_run
 
-ROOT = Path(__file__).resolve().parents[1]
-QUIET = dict(log=lambda m: None, progress=False)
+from conftest import QUIET, ROOT
 
 
 def stop_after(calls: int):
@@ -44,36 +43,39 @@ def straight(data, tmp_path_factory):
     return config, fit(config, data, tmp_path_factory.mktemp("straight"), **QUIET)
 
 
-@pytest.mark.parametrize("calls", [2, 4, 9])  # mid-epoch 1, end of epoch 1, mid-epoch 3
+@pytest.mark.parametrize("calls", [2, pytest.param(4, marks=pytest.mark.slow), pytest.param(9, marks=pytest.mark.slow)])  # mid-epoch 1, end of 1, mid-3
 def test_stopped_anywhere_and_resumed_is_bit_identical(data, straight, tmp_path, calls):
     config, reference = straight
     stopped = fit(config, data, tmp_path, stop=stop_after(calls), **QUIET)
     epoch, update = divmod(calls, 4)
-    assert stopped.stopped == ({"epoch": epoch + 1, "update": update * 60, "steps": 240} if update else {"epoch": epoch, "update": 240, "steps": 240})
-    assert bool(list((tmp_path / PARTIAL).iterdir())) == bool(update)  # a mid-epoch checkpoint only when mid-epoch
+    expected = Position(epoch + 1, update * 60, 240) if update else Position(epoch, 240, 240)
+    assert stopped.position == expected and not stopped.finished and int(stopped.state.step) == expected.step
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())[-1] == expected.step
     said = []
     resumed = fit(config, data, tmp_path, resume=True, log=said.append, progress=False)
-    where = f"epoch {epoch + 1}, update {update * 60} of 240" if update else f"the start of epoch {epoch + 1}"
+    where = f"epoch {epoch + 1}, update {update * 60} of 240" if update else f"the end of epoch {epoch}"
     assert f"resuming {tmp_path} at {where}" in said
     chex.assert_trees_all_equal(reference.state.params, resumed.state.params)
     chex.assert_trees_all_equal(reference.state.opt_state, resumed.state.opt_state)  # Hessian, step count, schedule
     assert resumed.history == [{**r, "seconds": s["seconds"]} for r, s in zip(reference.history, resumed.history)]
-    assert not list((tmp_path / PARTIAL).iterdir())  # removed once its epoch completed
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [240, 480, 720]  # the mid-pass step went
 
 
+@pytest.mark.slow
 def test_a_damaged_interrupted_checkpoint_falls_back_to_the_epoch_before(data, straight, tmp_path):
     config, reference = straight
     fit(config, data, tmp_path, stop=stop_after(6), **QUIET)  # epoch 2, update 120
-    (step,) = list((tmp_path / PARTIAL).iterdir())
+    step = tmp_path / "checkpoints" / "360"
     for f in (step / "state").rglob("d/*"):
         f.write_bytes(f.read_bytes()[:10])
     said = []
     resumed = fit(config, data, tmp_path, resume=True, log=said.append, progress=False)
-    assert any(m.startswith(f"skipping checkpoint step {step.name}: its state does not load") for m in said)
-    assert f"resuming {tmp_path} at the start of epoch 2" in said
+    assert any(m.startswith("skipping checkpoint step 360: its state does not load") for m in said)
+    assert f"resuming {tmp_path} at the end of epoch 1" in said
     chex.assert_trees_all_equal(reference.state.params, resumed.state.params)
 
 
+@pytest.mark.slow
 def test_resuming_with_other_settings_names_each_one(data, tmp_path):
     config = Config(epochs=2, hessian_samples=40, chunks=4)
     fit(config, data, tmp_path, stop=stop_after(2), **QUIET)
@@ -101,6 +103,7 @@ def wait_for_epoch_one(proc: subprocess.Popen) -> list[str]:
     raise AssertionError("train.py ended before epoch 1: " + "".join(lines) + proc.stderr.read()[-2000:])
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(mnist, tmp_path):
     sig = signal.SIGTERM
     work = tmp_path / "run"
@@ -112,7 +115,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(mnist, tmp_pa
     assert proc.returncode == 0, err[-2000:]
     assert f"{sig.name}: stopping after the current chunk" in err
     assert "stopped in epoch 2 after" in out and f"to continue: python train.py --workdir {work} --resume" in out
-    assert len(list((work / PARTIAL).iterdir())) == 1
+    assert len(list((work / "checkpoints").iterdir())) == 2  # pass 1 and the mid-pass step
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "train.py", "--workdir", str(work), "--resume", "--no-progress"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -125,6 +128,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(mnist, tmp_pa
     chex.assert_trees_all_equal(reference.state.params, state.params)
 
 
+@pytest.mark.slow
 def test_sigint_asks_and_a_second_one_stops_at_once(mnist, tmp_path):
     work = tmp_path / "run"
     proc = start("--workdir", str(work), "--chunks", "1")  # one compiled chunk per epoch: ~1 s busy in XLA
@@ -136,5 +140,5 @@ def test_sigint_asks_and_a_second_one_stops_at_once(mnist, tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGINT
     assert time.perf_counter() - sent < 0.5  # did not wait for the chunk
-    assert not list((work / PARTIAL).iterdir())
+    assert [p.name for p in (work / "checkpoints").iterdir()] == ["3000"]  # pass 1 only: nothing saved after the second signal
     assert json.loads((work / "config.json").read_text())["epochs"] == 2

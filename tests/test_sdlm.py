@@ -6,20 +6,21 @@ from __future__ import annotations
 import chex
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-import jax.flatten_util
-
 from lenet_jax import hessian
 from lenet_jax.bitmaps import RBF_CENTRES
 from lenet_jax.layers import AMPLITUDE, C3_TABLE, SLOPE, FullConnection, ScaledTanh, connection_mask
 from lenet_jax.losses import Objective, softmax_cross_entropy
 from lenet_jax.model import LeNet5, init_params
-from lenet_jax.sdlm import PAPER_ETAS, get_hessian, paper_schedule, scale_by_inverse_curvature, sdlm, set_hessian
+from lenet_jax.sdlm import PAPER_ETAS, PAPER_MU, get_hessian, paper_schedule, scale_by_inverse_curvature, sdlm, set_hessian
+
+from conftest import gauss_newton_diagonal, hutchinson_diagonal, paper_diagonal
 
 # --------------------------------------------------------------------------- the optimiser
 
@@ -60,14 +61,77 @@ def test_masked_c3_weights_get_no_step(rbf_model, digits):
     model, params = rbf_model
     x, y = digits
     objective = Objective()
-    h = hessian.paper_diagonal(model, objective, params, x, y)
+    h = paper_diagonal(model, objective, params, x, y)
     tx = sdlm(5e-4)
     state = set_hessian(tx.init(params), h)
-    grads = jax.grad(lambda p: jnp.mean(objective.per_sample(model.apply({"params": p}, x), y)))(params)
-    updates, _ = tx.update(grads, state, params)
+    grads = jax.jit(jax.grad(lambda p: jnp.mean(objective.per_sample(model.apply({"params": p}, x), y))))(params)
+    updates, _ = jax.jit(tx.update)(grads, state, params)
     off = connection_mask(C3_TABLE, 6) == 0
     assert np.all(np.asarray(updates["C3"]["kernel"])[:, :, off] == 0)
     assert np.all(np.asarray(h["C3"]["kernel"])[:, :, off] == 0)
+
+
+def test_sdlm_converges_on_an_ill_conditioned_quadratic():
+    """With the exact Hessian diagonal held, SDLM is a damped Newton step per coordinate:
+    it solves a diagonal quadratic whose curvatures span 1e-3..1e3 in a few steps, where
+    plain gradient descent at its largest stable step barely moves the flat coordinates."""
+    curvature = jnp.logspace(-3, 3, 7)
+    target = jnp.linspace(-1.0, 1.0, 7)
+    loss = lambda w: 0.5 * jnp.sum(curvature * (w - target) ** 2)  # noqa: E731
+
+    def solve(tx, hessian=None):
+        w = jnp.zeros(7)
+        state = tx.init(w) if hessian is None else set_hessian(tx.init(w), hessian)
+        for _ in range(30):
+            updates, state = tx.update(jax.grad(loss)(w), state, w)
+            w = optax.apply_updates(w, updates)
+        return w
+
+    w = solve(sdlm(0.9, mu=1e-4), hessian=curvature)
+    np.testing.assert_allclose(w, target, atol=1e-4)
+    w_sgd = solve(optax.sgd(1.0 / float(curvature[-1])))
+    assert float(jnp.abs(w_sgd - target)[0]) > 0.9 * float(jnp.abs(target[0]))
+
+
+def test_sdlm_under_inject_hyperparams_and_jit():
+    """The global step and mu become state that can be changed while compiled."""
+    params = {"w": jnp.array([1.0, -2.0])}
+    tx = optax.inject_hyperparams(sdlm)(learning_rate=1e-2, mu=0.5)
+    state = set_hessian(tx.init(params), {"w": jnp.array([1.5, 0.0])})
+    update = jax.jit(tx.update)
+    updates, state = update({"w": jnp.array([2.0, 1.0])}, state, params)
+    chex.assert_trees_all_close(updates["w"], jnp.array([-1e-2 * 2.0 / 2.0, -1e-2 * 1.0 / 0.5]), rtol=1e-6)
+    state.hyperparams["mu"] = jnp.asarray(1.5)
+    updates, _ = update({"w": jnp.array([2.0, 1.0])}, state, params)
+    chex.assert_trees_all_close(updates["w"], jnp.array([-1e-2 * 2.0 / 3.0, -1e-2 * 1.0 / 1.5]), rtol=1e-6)
+    chex.assert_trees_all_close(get_hessian(state)["w"], jnp.array([1.5, 0.0]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_sdlm_keeps_the_parameters_dtype(dtype):
+    """A float32 estimate set on low-precision parameters is held, and steps, in their dtype."""
+    params = {"w": jnp.ones(3, dtype)}
+    tx = sdlm(paper_schedule(10), mu=PAPER_MU)
+    state = set_hessian(tx.init(params), {"w": jnp.array([0.5, 1.0, 2.0], jnp.float32)})
+    assert get_hessian(state)["w"].dtype == dtype
+    updates, state = jax.jit(tx.update)({"w": jnp.ones(3, dtype)}, state, params)
+    assert updates["w"].dtype == dtype and get_hessian(state)["w"].dtype == dtype
+    _, state = tx.update({"w": jnp.ones(3, dtype)}, state, params, hessian={"w": jnp.ones(3, jnp.float32)})
+    assert get_hessian(state)["w"].dtype == dtype
+
+
+def test_a_bad_mu_is_refused_but_a_traced_one_is_not_checked():
+    with pytest.raises(ValueError, match="mu must be positive"):
+        scale_by_inverse_curvature(mu=0.0)
+    jax.jit(lambda mu: scale_by_inverse_curvature(mu).init({"w": jnp.ones(1)}))(jnp.asarray(0.1))
+
+
+def test_estimators_are_registered_with_their_differentiation_mode():
+    assert set(hessian.ESTIMATORS) == {"paper", "gauss_newton", "hutchinson"}
+    assert [name for name, e in hessian.ESTIMATORS.items() if e.forward_mode] == ["hutchinson"]
+    assert isinstance(LeNet5(), hessian.CurvatureModel)
+    with pytest.raises(ValueError, match="unknown Hessian estimator 'exact'; choose from paper, gauss_newton, hutchinson"):
+        hessian.get_estimator("exact")
 
 
 def test_paper_schedule_by_pass():
@@ -101,13 +165,15 @@ def dense_output_curvature(objective, out, label):
 def dense_gauss_newton_diagonal(model, objective, params, x, y):
     """diag(J^T H J) per sample, J by jax.jacrev over the flattened parameters, averaged."""
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    total = 0.0
-    for i in range(x.shape[0]):
-        f = lambda w: model.apply({"params": unravel(w)}, x[i : i + 1], method="outputs")[0]
+
+    @jax.jit
+    def one(xi, yi):
+        f = lambda w: model.apply({"params": unravel(w)}, xi[None], method="outputs")[0]  # noqa: E731
         jac = jax.jacrev(f)(flat)
-        h = dense_output_curvature(objective, f(flat), y[i])
-        total = total + jnp.einsum("oi,op,pi->i", jac, h, jac)
-    return unravel(total / x.shape[0])
+        h = dense_output_curvature(objective, f(flat), yi)
+        return jnp.einsum("oi,op,pi->i", jac, h, jac)
+
+    return unravel(sum(one(x[i], y[i]) for i in range(x.shape[0])) / x.shape[0])
 
 
 @pytest.mark.parametrize("head,loss", [("rbf", "map"), ("softmax", "xent")])
@@ -116,20 +182,21 @@ def test_gauss_newton_estimator_equals_the_dense_diagonal(head, loss, digits):
     params = init_params(model, jax.random.key(1))
     objective = Objective(head, loss, 3.0)
     x, y = digits[0][:2], digits[1][:2]
-    got = hessian.gauss_newton_diagonal(model, objective, params, x, y)
+    got = gauss_newton_diagonal(model, objective, params, x, y)
     expected = dense_gauss_newton_diagonal(model, objective, params, x, y)
     chex.assert_trees_all_close(got, expected, rtol=2e-3, atol=1e-7)
     assert all(float(jnp.min(l)) >= 0 for l in jax.tree.leaves(got))
 
 
+@pytest.mark.slow
 def test_hutchinson_converges_to_the_gauss_newton_diagonal(rbf_model, digits):
     model, params = rbf_model
     objective = Objective()
     x, y = digits[0][:2], digits[1][:2]
-    exact = _flat(hessian.gauss_newton_diagonal(model, objective, params, x, y))
+    exact = _flat(gauss_newton_diagonal(model, objective, params, x, y))
 
     def rel_error(probes):
-        est = _flat(hessian.hutchinson_diagonal(model, objective, params, x, y, jax.random.key(7), probes=probes))
+        est = _flat(hutchinson_diagonal(model, objective, params, x, y, jax.random.key(7), probes=probes))
         assert float(jnp.min(est)) >= 0
         return float(jnp.linalg.norm(est - exact) / jnp.linalg.norm(exact))
 
@@ -219,7 +286,7 @@ def test_paper_estimator_equals_a_numpy_evaluation_of_the_recursion(rbf_model, d
     model, params = rbf_model
     objective = Objective(j=3.0)
     x, y = digits[0][:1], digits[1][:1]
-    got = hessian.paper_diagonal(model, objective, params, x, y)
+    got = paper_diagonal(model, objective, params, x, y)
     outputs = model.apply({"params": params}, x, method="outputs")
     factor = objective.curvature_factor(outputs[0], y[0])
     expected = numpy_paper_diagonal(params, np.asarray(x[0]), np.sum(np.asarray(factor) ** 2, 0))
@@ -234,7 +301,7 @@ def test_paper_estimator_with_a_fixed_subsampling_follows_the_recursion(subsampl
     params = init_params(model, jax.random.key(3))
     objective = Objective(j=3.0)
     x, y = digits[0][1:2], digits[1][1:2]
-    got = hessian.paper_diagonal(model, objective, params, x, y)
+    got = paper_diagonal(model, objective, params, x, y)
     assert "S2" not in got and "S4" not in got
     outputs = model.apply({"params": params}, x, method="outputs")
     factor = objective.curvature_factor(outputs[0], y[0])
@@ -274,16 +341,16 @@ def test_paper_estimator_equals_gauss_newton_where_the_two_coincide():
     y = jnp.zeros(6, jnp.int32)
     params = net.init(jax.random.key(1), x, method="trace")["params"]
     objective = Objective("rbf", "mse")  # curvature 2 on the single output
-    paper = hessian.paper_diagonal(net, objective, params, x, y)
-    exact = hessian.gauss_newton_diagonal(net, objective, params, x, y)
+    paper = paper_diagonal(net, objective, params, x, y)
+    exact = gauss_newton_diagonal(net, objective, params, x, y)
     chex.assert_trees_all_close(paper, exact, rtol=1e-5, atol=1e-8)
 
 
 def test_paper_and_gauss_newton_differ_on_lenet5(rbf_model, digits):
     model, params = rbf_model
     x, y = digits[0][:2], digits[1][:2]
-    paper = hessian.paper_diagonal(model, Objective(), params, x, y)
-    exact = hessian.gauss_newton_diagonal(model, Objective(), params, x, y)
+    paper = paper_diagonal(model, Objective(), params, x, y)
+    exact = gauss_newton_diagonal(model, Objective(), params, x, y)
     a, b = paper["C1"]["kernel"], exact["C1"]["kernel"]  # shared weights, many paths
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) > 0.01
     chex.assert_trees_all_close(paper["F6"]["bias"], exact["F6"]["bias"], rtol=1e-4)  # one path

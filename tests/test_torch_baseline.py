@@ -5,7 +5,6 @@ project requirement: `pip install torch==2.13.0`)."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,21 +12,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lenet_jax.data import preprocess  # noqa: E402
+from lenet_jax.inputs import preprocess  # noqa: E402
 from lenet_jax.losses import Objective  # noqa: E402
 from lenet_jax.model import LeNet5, init_params  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def baseline():
-    spec = importlib.util.spec_from_file_location("torch_baseline", ROOT / "bench" / "torch_baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.torch_baseline")
 
 
+@pytest.mark.slow
 def test_same_weights_same_loss_and_gradients(baseline, mnist):
     model = LeNet5(init_exponent=0.6)
     params = init_params(model, jax.random.key(3))

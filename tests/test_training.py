@@ -1,12 +1,7 @@
-"""Training end to end on real MNIST, checkpoints, exact resume, and the command line."""
+"""Training end to end: learning on real MNIST, checkpoints numbered by the optimiser
+step, exact resume, the kept steps, damaged checkpoints, divergence."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import chex
 import jax
@@ -14,46 +9,50 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lenet_jax import checkpoint as ckpt
 from lenet_jax.config import Config
-from lenet_jax.data import Dataset
+from lenet_jax.factories import create_state
+from lenet_jax.inputs import pad_images
 from lenet_jax.layers import C3_TABLE, connection_mask
-from lenet_jax.training import evaluate, fit, restore_run
+from lenet_jax.steps import CHUNK_STATIC, epoch_batches, evaluate, evaluate_arrays, refresh_curvature, step_keys, train_chunk
+from lenet_jax.training import fit, restore_run
 
-ROOT = Path(__file__).resolve().parents[1]
-QUIET = dict(log=lambda m: None, progress=False)
-
-
-def small(mnist, n_train: int, n_test: int = 2000) -> Dataset:
-    return Dataset(mnist.train_images[:n_train], mnist.train_labels[:n_train], mnist.test_images[:n_test], mnist.test_labels[:n_test])
+from conftest import QUIET, small
 
 
+@pytest.mark.slow
 def test_paper_configuration_learns_real_digits(mnist, tmp_path):
-    """Two passes of batch-1 SDLM over 4,000 real digits: far below the 90% of chance."""
+    """Two passes of batch-1 SDLM over 4,000 real digits (measured: 6.75% test error)."""
     config = Config(epochs=2, train_subset=4000)
     result = fit(config, small(mnist, 4000), tmp_path, **QUIET)
-    assert result.history[-1]["test_error"] < 0.08
-    assert result.history[-1]["train_error"] < result.history[0]["train_error"] + 0.02
+    assert result.history[-1]["test_error"] < 0.085
+    assert result.history[-1]["train_error"] < result.history[0]["train_error"]
     kernel = np.asarray(result.state.params["C3"]["kernel"])
     assert np.all(kernel[:, :, connection_mask(C3_TABLE, 6) == 0] == 0)  # masked weights stay exactly zero
 
 
-@pytest.mark.parametrize("optimizer,batch", [("sgd", 16), ("adam", 32), ("sdlm", 8)])
-def test_other_optimizers_and_minibatches_learn(mnist, tmp_path, optimizer, batch):
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer,batch,bound", [("sgd", 16, 0.16), ("adam", 32, 0.17), ("sdlm", 8, 0.10)])
+def test_other_optimizers_and_minibatches_learn(mnist, tmp_path, optimizer, batch, bound):
+    """Each bound is about 1.25x the measured test error after 2 passes over 3,000 digits
+    (12.6%, 13.35% and 7.7%; chance is 90%)."""
     lr = {"sdlm": 1e-3}.get(optimizer)
     config = Config(optimizer=optimizer, batch_size=batch, epochs=2, train_subset=3000, schedule="constant", lr=lr)
     result = fit(config, small(mnist, 3000), tmp_path, **QUIET)
-    assert result.history[-1]["test_error"] < 0.15
+    assert result.history[-1]["test_error"] < bound
 
 
+@pytest.mark.slow
 def test_softmax_head_learns(mnist, tmp_path):
     config = Config(head="softmax", loss="xent", optimizer="adam", batch_size=32, epochs=2, train_subset=3000)
     result = fit(config, small(mnist, 3000), tmp_path, **QUIET)
-    assert result.history[-1]["test_error"] < 0.15
+    assert result.history[-1]["test_error"] < 0.14  # 10.95% measured
 
 
+@pytest.mark.slow
 def test_run_is_reproducible_from_its_seed_and_resume_is_exact(mnist, tmp_path):
-    data = small(mnist, 300, 200)
-    config = Config(epochs=3, train_subset=300, hessian_samples=50)
+    data = small(mnist, 120, 100)
+    config = Config(epochs=3, hessian_samples=20)
     straight = fit(config, data, tmp_path / "a", **QUIET)
     again = fit(config, data, tmp_path / "b", **QUIET)
     chex.assert_trees_all_equal(straight.state.params, again.state.params)
@@ -62,23 +61,54 @@ def test_run_is_reproducible_from_its_seed_and_resume_is_exact(mnist, tmp_path):
     chex.assert_trees_all_equal(straight.state.params, resumed.state.params)
     chex.assert_trees_all_equal(straight.state.opt_state, resumed.state.opt_state)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.finished and resumed.position == ckpt.Position(3, 120, 120)
+    assert int(resumed.state.step) == 360  # the position is the optimiser step
 
 
-def test_checkpoint_round_trip_and_best_step(mnist, tmp_path):
+@pytest.mark.slow
+def test_checkpoints_are_numbered_by_step_and_pruned(mnist, tmp_path):
+    """keep=1 with a validation split: the last pass and the best one stay; steps are
+    optimiser steps (40 updates per pass here)."""
     data = small(mnist, 400, 300)
-    config = Config(epochs=3, train_subset=None, validation_size=100, keep=1, optimizer="sgd", batch_size=8, lr=1e-3)
+    config = Config(epochs=3, validation_size=80, train_subset=40, keep=1, optimizer="sgd", batch_size=8, lr=1e-3)
     result = fit(config, data, tmp_path, **QUIET)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    best_epoch = min(result.history, key=lambda r: (r["val_error"], r["epoch"]))["epoch"]
+    assert steps == sorted({5 * best_epoch, 15})
     state, restored_config, record = restore_run(tmp_path, "latest")
     assert record["epoch"] == 3 and restored_config == config
     chex.assert_trees_all_equal(state.params, result.state.params)
-    best = min(result.history, key=lambda r: r["val_error"])
     _, _, best_record = restore_run(tmp_path, "best")
-    assert best_record["epoch"] == best["epoch"]
+    assert best_record["epoch"] == best_epoch
     r = evaluate(state.params, state.apply_fn, data.test_images, data.test_labels, config.objective)
     assert abs(r["error"] - result.history[-1]["test_error"]) < 1e-9
     assert r["confusion"].sum() == 300
 
 
+@pytest.mark.slow
+def test_a_restored_state_carries_the_runs_own_schedule(mnist, tmp_path):
+    """Training on from ``restore_run`` must step as the run would have: the optimiser's
+    schedule depends on the updates per pass."""
+    data = small(mnist, 60, 50)
+    result = fit(Config(epochs=3, hessian_samples=10), data, tmp_path, **QUIET)
+    state, _, _ = restore_run(tmp_path, "latest")
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    expected, _ = result.state.tx.update(grads, result.state.opt_state, result.state.params)
+    got, _ = state.tx.update(grads, state.opt_state, state.params)
+    chex.assert_trees_all_close(got, expected)
+
+
+def test_evaluation_takes_padded_images_too(rbf_model, mnist):
+    model, params = rbf_model
+    images, labels = jnp.asarray(mnist.test_images[:50]), jnp.asarray(mnist.test_labels[:50])
+    from lenet_jax.losses import Objective
+
+    plain = evaluate_arrays(params, model.apply, images, labels, Objective(), 20)
+    padded = evaluate_arrays(params, model.apply, pad_images(images), labels, Objective(), 20)
+    chex.assert_trees_all_equal(plain, padded)
+
+
+@pytest.mark.slow
 def test_refuses_to_overwrite_or_resume_a_different_model(mnist, tmp_path):
     data = small(mnist, 100, 100)
     fit(Config(epochs=1, hessian_samples=20), data, tmp_path, **QUIET)
@@ -88,83 +118,63 @@ def test_refuses_to_overwrite_or_resume_a_different_model(mnist, tmp_path):
         fit(Config(epochs=2, head="softmax", loss="xent"), data, tmp_path, resume=True, **QUIET)
 
 
-def test_batch_larger_than_data_is_refused(mnist, tmp_path):
+def test_sizes_larger_than_the_data_are_refused(mnist, tmp_path):
     with pytest.raises(ValueError, match="larger than the 100 training images"):
         fit(Config(batch_size=101, train_subset=100), small(mnist, 100), tmp_path, **QUIET)
+    with pytest.raises(ValueError, match="--train-subset 500 is larger than the 100 training images"):
+        fit(Config(train_subset=500), small(mnist, 100), tmp_path, **QUIET)
 
 
-# --------------------------------------------------------------------------- command line
+def damage(step_folder, fault: str) -> None:
+    if fault == "truncate_data":
+        for f in (step_folder / "state").rglob("d/*"):
+            f.write_bytes(f.read_bytes()[:10])
+    elif fault == "delete_manifest":
+        for f in (step_folder / "state").rglob("manifest.ocdbt"):
+            f.unlink()
+    elif fault == "truncate_metadata":
+        (step_folder / "state" / "_METADATA").write_text("{\"tr")
+    else:
+        (step_folder / "record" / "metadata").unlink()
 
 
-def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-
-
-def test_train_and_eval_scripts(mnist, tmp_path):
-    work = tmp_path / "run"
-    out = run("train.py", "--epochs", "1", "--train-subset", "500", "--hessian-samples", "50", "--workdir", str(work), "--no-progress")
-    assert out.returncode == 0, out.stderr
-    assert "checkpoints:" in out.stdout and (work / "metrics.jsonl").is_file()
-    out = run("eval.py", "--workdir", str(work), "--json")
-    assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
-    assert report["n_test"] == 10_000 and report["checkpoint_step"] == 1
-    assert 0 <= report["test_error"] < 0.5 and np.asarray(report["confusion"]).sum() == 10_000
-    out = run("eval.py", "--workdir", str(work))
-    assert "confusion matrix" in out.stdout and "per-class error" in out.stdout
-
-
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["train.py", "--epochs", "0"], "--epochs must be at least 1"),
-        (["train.py", "--optimizer", "rmsprop"], "--optimizer 'rmsprop' is not one of"),
-        (["train.py", "--head", "softmax"], "the softmax head takes loss xent"),
-        (["train.py", "--data-source", "idx", "--data-dir", "/nonexistent"], "is not a folder"),
-        (["eval.py", "--workdir", "/nonexistent"], "no checkpoint folder"),
-        (["train.py", "--workdir", "/etc/passwd"], "--workdir /etc/passwd: not a writable folder"),
-        (["train.py", "--workdir", "/proc/lenet"], "--workdir /proc/lenet: not a writable folder"),
-        (["train.py", "--batch-size", "70000"], "--batch-size 70000 is larger than the 60000 training images"),
-    ],
-)
-def test_bad_command_lines_get_one_line_and_exit_2(args, message, tmp_path):
-    if args[0] == "train.py" and "--workdir" not in args:
-        args = [*args, "--workdir", str(tmp_path / "run")]
-    out = run(*args)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["truncate_data", "delete_manifest", "truncate_metadata", "delete_record"])
 def test_a_damaged_newest_checkpoint_is_skipped_and_named(mnist, tmp_path, fault):
     data = small(mnist, 100, 100)
-    config = Config(epochs=2, train_subset=100, hessian_samples=20)
+    config = Config(epochs=2, hessian_samples=20)
     fit(config, data, tmp_path, **QUIET)
-    newest = tmp_path / "checkpoints" / "2"
-    if fault == "truncate_data":
-        for f in (newest / "state").rglob("d/*"):
-            f.write_bytes(f.read_bytes()[:10])
-    elif fault == "delete_manifest":
-        for f in (newest / "state").rglob("manifest.ocdbt"):
-            f.unlink()
-    elif fault == "truncate_metadata":
-        (newest / "state" / "_METADATA").write_text("{\"tr")
-    else:
-        (newest / "record" / "metadata").unlink()
+    damage(tmp_path / "checkpoints" / "200", fault)
     said = []
     _, _, record = restore_run(tmp_path, "latest", log=said.append)
     assert record["epoch"] == 1
-    assert len(said) == 1 and said[0].startswith("skipping checkpoint step 2:")
+    assert len(said) == 1 and said[0].startswith("skipping checkpoint step 200:")
     resumed = fit(config.replace(epochs=3), data, tmp_path, resume=True, log=said.append, progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_naming_where_and_keeps_the_last_good_checkpoint(mnist, tmp_path):
     data = small(mnist, 200, 100)
     fit(Config(optimizer="sgd", lr=1e-3, epochs=1, train_subset=200), data, tmp_path, **QUIET)
-    with pytest.raises(FloatingPointError, match=r"NaN or infinite in epoch 2, updates 1-20 of 200; the last good checkpoint is epoch 1"):
+    with pytest.raises(FloatingPointError, match=r"NaN or infinite in epoch 2, updates 1-20 of 200; "
+                                                 r"the last good checkpoint is the end of epoch 1 in"):
         fit(Config(optimizer="sgd", lr=1e38, epochs=2, train_subset=200), data, tmp_path, resume=True, **QUIET)
     _, _, record = restore_run(tmp_path, "latest", log=lambda m: None)
     assert record["epoch"] == 1
+
+
+def test_the_compiled_chunk_is_traced_once_for_a_whole_run(mnist):
+    """The chunks of a pass, and the next pass after a curvature refresh, all reuse one
+    compiled program: a change that made the state's structure or dtypes drift between
+    calls (and so recompiled every chunk) fails here."""
+    config = Config(hessian_samples=10, dropout=0.1)
+    chunk = jax.jit(chex.assert_max_traces(train_chunk, n=1), static_argnames=CHUNK_STATIC, donate_argnames=("state",))
+    images, labels = pad_images(jnp.asarray(mnist.train_images[:60])), jnp.asarray(mnist.train_labels[:60])
+    state = create_state(config, 60)
+    for epoch in (1, 2):
+        state = refresh_curvature(state, images, labels, config, epoch)
+        batches = epoch_batches(config.seed, epoch, 60, 1)
+        for c in range(0, 60, 20):
+            state, _ = chunk(state, images, labels, batches[c : c + 20], step_keys(config.seed), objective=config.objective)
+    assert int(state.step) == 120

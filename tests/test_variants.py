@@ -10,13 +10,15 @@ import numpy as np
 import optax
 import pytest
 
-from lenet_jax import hessian
 from lenet_jax.config import MODERN, Config
-from lenet_jax.layers import ACTIVATIONS, C3_TABLE, FixedSubsampling, SeparableConv, connection_mask, valid_conv
+from lenet_jax.conv import valid_conv
+from lenet_jax.factories import create_state, make_model, make_optimizer
+from lenet_jax.layers import ACTIVATIONS, C3_TABLE, FixedSubsampling, SeparableConv, connection_mask
 from lenet_jax.model import LeNet5, count_parameters, init_params, layer_table
-from lenet_jax.training import create_state, fit, make_model, make_optimizer, refresh_curvature
+from lenet_jax.steps import refresh_curvature
+from lenet_jax.training import fit
 
-from test_training import QUIET, small
+from conftest import QUIET, estimate, paper_diagonal, small
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
@@ -68,12 +70,17 @@ def test_parameter_counts_of_the_variants(changes, parameters, connections):
 
 
 VARIANTS = [
-    dict(activation="relu"), dict(activation="selu"), dict(subsampling="average"), dict(subsampling="max"),
-    dict(c3="dense"), dict(conv="separable"), dict(head="softmax", loss="xent"), dict(dropout=0.3),
+    dict(activation="relu"), dict(subsampling="max"), dict(head="softmax", loss="xent"),
+    *(pytest.param(c, marks=pytest.mark.slow) for c in (dict(activation="selu"), dict(subsampling="average"), dict(c3="dense"),
+                                                       dict(conv="separable"), dict(dropout=0.3))),
 ]
 
 
-@pytest.mark.parametrize("changes", VARIANTS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def _variant_id(changes: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in changes.items())
+
+
+@pytest.mark.parametrize("changes", VARIANTS, ids=_variant_id)
 def test_every_variant_has_finite_gradients_and_a_nonnegative_curvature_estimate(changes, digits):
     config = Config(**changes)
     model = make_model(config)
@@ -84,10 +91,10 @@ def test_every_variant_has_finite_gradients_and_a_nonnegative_curvature_estimate
         scores = model.apply({"params": p}, x, train=True, rngs={"dropout": jax.random.key(2)})
         return jnp.mean(config.objective.per_sample(scores, y))
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     assert float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(grads))) > 0
-    h = hessian.paper_diagonal(model, config.objective, params, x, y)
+    h = paper_diagonal(model, config.objective, params, x, y)
     chex.assert_trees_all_equal_shapes(h, params)
     assert min(float(jnp.min(v)) for v in jax.tree.leaves(h)) >= 0
 
@@ -114,24 +121,26 @@ def test_weight_decay_reaches_weights_but_not_biases():
     assert float(jnp.max(jnp.abs(updates["S2"]["coefficient"]))) > 0  # the subsampling coefficients are weights
 
 
+@pytest.mark.slow
 def test_modern_configuration_learns(mnist, tmp_path):
     config = Config(**MODERN).replace(epochs=3, train_subset=5000)
     result = fit(config, small(mnist, 5000), tmp_path, **QUIET)
-    assert result.history[-1]["test_error"] < 0.1  # 6.9% measured; chance is 90%
+    assert result.history[-1]["test_error"] < 0.09  # 6.9% measured; chance is 90%
 
 
+@pytest.mark.slow
 def test_sdlm_with_max_pooling_learns(mnist, tmp_path):
-    config = Config(subsampling="max", epochs=1, train_subset=2000, hessian_samples=100)
+    config = Config(subsampling="max", epochs=2, train_subset=2000, hessian_samples=100)
     result = fit(config, small(mnist, 2000), tmp_path, **QUIET)
-    assert result.history[-1]["test_error"] < 0.15
+    assert result.history[-1]["test_error"] < 0.12  # 9.25% measured
 
 
 def test_bad_variant_values_are_refused():
     for changes, message in [
         (dict(activation="gelu"), "--activation 'gelu' is not one of"),
         (dict(subsampling="median"), "--subsampling 'median' is not one of"),
-        (dict(dropout=1.0), "--dropout must be in"),
-        (dict(weight_decay=-1.0), "--weight-decay must be 0 or more"),
+        (dict(dropout=1.0), "--dropout must be below 1.0"),
+        (dict(weight_decay=-1.0), "--weight-decay must be at least 0.0"),
     ]:
         with pytest.raises(ValueError, match=message):
             Config(**changes).validate()
@@ -153,12 +162,13 @@ def test_curvature_estimates_agree_on_every_convolution_path(estimator, digits):
     x, y = digits[0][:2], digits[1][:2]
     params = init_params(LeNet5(), jax.random.key(4))
     estimates = [
-        hessian.estimate(estimator, LeNet5(conv_impl=impl), Config().objective, params, x, y, jax.random.key(0))
+        estimate(estimator, LeNet5(conv_impl=impl), Config().objective, params, x, y, jax.random.key(0))
         for impl in ("custom_vjp", "xla")
     ]
     chex.assert_trees_all_close(*estimates, rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_the_hutchinson_refresh_runs_with_the_custom_vjp_convolutions(digits):
     """jax.jvp cannot differentiate a custom VJP: the refresh swaps in "patches"."""
     config = Config(conv_impl="custom_vjp", hessian_estimator="hutchinson", hessian_samples=4, hutchinson_probes=2)

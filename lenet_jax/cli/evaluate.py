@@ -1,0 +1,205 @@
+"""``eval.py``: evaluate LeNet-5, predict digits in your own images, print its layer table,
+draw its figures. Without --workdir or --checkpoint it uses the pretrained model that
+ships with the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lenet_jax.cli import ArgumentParser, parse
+from lenet_jax.config import Config
+from lenet_jax.data import SOURCES, Dataset, load_dataset
+from lenet_jax.errors import command
+
+
+def step_choice(text: str) -> str:
+    """--step: best, latest or a pass number."""
+    if text in ("best", "latest") or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid --step {text!r}: give best, latest or a pass number")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workdir", type=Path, help="a run folder written by train.py (default: the pretrained model)")
+    where.add_argument("--checkpoint", type=Path, help="a checkpoints folder (or a run folder)")
+    parser.add_argument("--step", type=step_choice, default="best", help="which pass: best (lowest validation error, else latest), latest, or a number")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--image", type=Path, nargs="+", metavar="PATH",
+                      help="predict the digit in these images (or the images in these folders), prepared like MNIST's digits")
+    what.add_argument("--summary", action="store_true", help="print the layer table (output shapes, parameters, connections)")
+    what.add_argument("--figures", type=Path, metavar="DIR", help="evaluate and write the PNG figures into DIR")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the human summary")
+    parser.add_argument("--data-source", choices=SOURCES, default=None, help="override the run's data source")
+    parser.add_argument("--data-dir", default=None, help="override the run's IDX / tfds folder")
+    parser.add_argument("--cache-dir", default=None, help="override the run's data cache folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    path = args.workdir or args.checkpoint
+    if args.summary:
+        return run_summary(path, args.step, args.json)
+    if args.image:
+        return run_prediction(path, args.step, args.image, args.json)
+    overrides = {"data_source": args.data_source, "data_dir": args.data_dir, "cache_dir": args.cache_dir}
+    return run_evaluation(path, args.step, args.json, overrides, args.figures)
+
+
+@dataclass
+class LoadedModel:
+    """A model to evaluate or predict with: a run's checkpoint or the shipped one."""
+
+    params: Any
+    apply_fn: Callable
+    config: Config
+    epoch: int
+    history: list[dict[str, Any]]
+    name: str
+
+
+def load_model(path: Path | None, which: str = "best") -> LoadedModel:
+    """The checkpoint of run/checkpoints folder ``path`` (pass ``which``), or the
+    pretrained model shipped with the package when ``path`` is None."""
+    from lenet_jax import pretrained
+    from lenet_jax.factories import make_model
+    from lenet_jax.training import restore_run
+
+    if path is None:
+        params, config, meta = pretrained.load()
+        return LoadedModel(params, make_model(config, inference=True).apply, config, meta["epoch"], meta.get("history", []),
+                           f"pretrained {pretrained.PRETRAINED.name}")
+    state, config, record = restore_run(path, which, log=lambda m: print(m, file=sys.stderr))
+    return LoadedModel(state.params, make_model(config, inference=True).apply, config, int(record["epoch"]),
+                       record.get("history", []), str(path))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human summary of an evaluation: loss, error, per-class error, confusion matrix."""
+    lines = [
+        f"checkpoint: {report['checkpoint']} (epoch {report['checkpoint_step']})",
+        f"test loss {report['test_loss']:.4f}  test error {report['test_error']:.2%} ({report['test_errors']} of {report['n_test']})",
+        "per-class error: " + "  ".join(f"{d}:{e:.2%}" for d, e in enumerate(report["per_class_error"])),
+        "confusion matrix (rows: true digit, columns: predicted):",
+        "      " + "".join(f"{d:>6d}" for d in range(10)),
+    ]
+    lines += [f"{d:>6d}" + "".join(f"{v:>6d}" for v in row) for d, row in enumerate(report["confusion"])]
+    lines += [f"figure: {f}" for f in report.get("figures", [])]
+    return "\n".join(lines)
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """The layer table as the paper gives it: layer, output shape, parameters, connections, totals."""
+    lines = [f"{'layer':<18}{'output':>14}{'parameters':>12}{'connections':>13}"]
+    for r in rows:
+        shape = "x".join(map(str, r["output"]))
+        lines.append(f"{r['layer']:<18}{shape:>14}{r['parameters']:>12,}{r['connections']:>13,}")
+    lines.append(f"{'total':<18}{'':>14}{sum(r['parameters'] for r in rows):>12,}{sum(r['connections'] for r in rows):>13,}")
+    return "\n".join(lines)
+
+
+@command
+def run_summary(path: Path | None, which: str = "best", as_json: bool = False) -> int:
+    """Print the layer table of a run's model (the pretrained one's without ``path``)."""
+    import jax
+
+    from lenet_jax import pretrained
+    from lenet_jax.factories import make_model
+    from lenet_jax.model import init_params, layer_table
+
+    config = pretrained.load()[1] if path is None else load_model(path, which).config
+    model = make_model(config)
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))  # the table needs shapes, not values
+    rows = layer_table(shapes, model.c3_table)
+    print(json.dumps([dict(r, output=list(r["output"])) for r in rows]) if as_json else format_summary(rows))
+    return 0
+
+
+@command
+def run_prediction(path: Path | None, which: str, images: list[Path], as_json: bool = False) -> int:
+    """Predict the digit in each image; exit code 2 if any image could not be used."""
+    from lenet_jax.predict import format_prediction, image_paths, predict_images
+
+    paths = image_paths(images)
+    if not paths:
+        raise ValueError("--image: no image files found in " + ", ".join(map(str, images)))
+    loaded = load_model(path, which)
+    results = predict_images(loaded.params, loaded.apply_fn, loaded.config.objective, paths)
+    for r in results:
+        if as_json:
+            print(json.dumps(r.to_dict()))
+        elif r.error is None:
+            print(format_prediction(r))
+        else:
+            print(format_prediction(r), file=sys.stderr)
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"error: {failed} of {len(results)} images could not be used", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def write_figures(loaded: LoadedModel, dataset: Dataset, result: dict[str, Any], folder: Path) -> list[Path]:
+    """The PNG figures of a model: error curves (from its history), confusion matrix,
+    misclassified test digits, RBF bitmaps (RBF head) and C1/C3 maps of one test digit."""
+    import jax
+    import jax.numpy as jnp
+
+    from lenet_jax import plots
+    from lenet_jax.inputs import preprocess
+
+    written = []
+    if loaded.history:
+        written.append(plots.error_curves({loaded.config.dataset: loaded.history}, folder / "error_curves.png"))
+    written.append(plots.confusion_matrix(result["confusion"], folder / "confusion.png"))
+    written.append(plots.misclassified(dataset.test_images, dataset.test_labels, result["predictions"], folder / "misclassified.png"))
+    if loaded.config.head == "rbf":
+        written.append(plots.rbf_bitmaps(folder / "rbf_bitmaps.png"))
+    digit = dataset.test_images[0]
+    acts = loaded.apply_fn({"params": loaded.params}, preprocess(jnp.asarray(digit[None])), method="activations")
+    written.append(plots.feature_maps(digit, [a[0] for a in jax.device_get(acts)], folder / "feature_maps.png"))
+    return written
+
+
+@command
+def run_evaluation(
+    path: Path | None, which: str = "best", as_json: bool = False, data_overrides: dict[str, Any] | None = None, figures: Path | None = None
+) -> int:
+    """Evaluate a saved checkpoint (the pretrained model without ``path``) on its
+    dataset's test split; with ``figures``, write the PNG figures there too."""
+    from lenet_jax.fileio import check_writable_folder
+    from lenet_jax.steps import evaluate
+
+    if figures is not None:
+        check_writable_folder(figures, "--figures")
+    loaded = load_model(path, which)
+    config = loaded.config.replace(**{k: v for k, v in (data_overrides or {}).items() if v is not None})
+    dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=lambda m: print(m, file=sys.stderr))
+    r = evaluate(loaded.params, loaded.apply_fn, dataset.test_images, dataset.test_labels, config.objective, config.eval_batch_size)
+    confusion = r["confusion"]
+    per_class = 1.0 - np.diag(confusion) / np.maximum(confusion.sum(1), 1)
+    report = {
+        "checkpoint": loaded.name,
+        "checkpoint_step": loaded.epoch,
+        "dataset": config.dataset,
+        "test_error": r["error"],
+        "test_loss": r["loss"],
+        "test_errors": r["errors"],
+        "n_test": r["n"],
+        "per_class_error": [float(e) for e in per_class],
+        "confusion": confusion.tolist(),
+    }
+    if figures is not None:
+        report["figures"] = [str(p) for p in write_figures(loaded, dataset, r, figures)]
+    print(json.dumps(report) if as_json else format_report(report))
+    return 0

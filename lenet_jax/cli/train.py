@@ -1,0 +1,143 @@
+"""``train.py``: train LeNet-5, from a named preset (the paper's configuration by default)
+with the options given on top, or resume a run where it stopped."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from lenet_jax.cli import ArgumentParser, parse
+from lenet_jax.config import PRESETS, Config, field_type, preset
+from lenet_jax.errors import command
+from lenet_jax.fileio import check_writable_folder, new_run_folder
+
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The parser; with ``defaults=False`` parsing returns only the options actually given."""
+    parser = ArgumentParser(
+        prog="train.py",
+        argument_default=None if defaults else argparse.SUPPRESS,
+        description="Train LeNet-5 as LeCun et al. (1998) defined it. The default preset, paper, is the paper's setting "
+        "except where the paper is silent and in two documented places where its setting does not train here.",
+        epilog="presets: " + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", "--config", dest="preset", default="paper" if defaults else argparse.SUPPRESS,
+                        metavar="NAME|FILE", help=f"start from a named preset ({', '.join(PRESETS)}) or a JSON file of options "
+                        "such as a run's config.json; the options given here go on top")
+    for f in dataclasses.fields(Config):
+        kind, _ = field_type(f)
+        default = f.default if defaults else argparse.SUPPRESS
+        flag = "--" + f.name.replace("_", "-")
+        help = f.metadata["help"] + (f" ({', '.join(f.metadata['choices'])})" if "choices" in f.metadata else "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help)
+    parser.add_argument("--workdir", type=Path, help="where checkpoints, metrics.jsonl and config.json go (default: a new runs/<date-time>)")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --workdir where it stopped (mid-pass included), with its saved options; options given here "
+        "override them (only the epochs, the step and how it runs may change)",
+    )
+    parser.add_argument(
+        "--distributed", action="store_true",
+        help="join a multi-process JAX cluster (jax.distributed.initialize); automatic when JAX_COORDINATOR_ADDRESS, "
+        "a multi-task SLURM or Open MPI job, or a multi-host TPU slice is detected",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any], bool] | int:
+    """The parsed arguments, the Config options given explicitly, and whether a preset
+    was named; or argparse's exit code."""
+    args = parse(build_parser(), argv)
+    if isinstance(args, int):
+        return args
+    given = vars(build_parser(defaults=False).parse_args(argv))
+    return args, {k: v for k, v in given.items() if k in CONFIG_FIELDS}, "preset" in given
+
+
+def main(argv: list[str] | None = None) -> int:
+    parsed = parse_command_line(argv)
+    return parsed if isinstance(parsed, int) else run(*parsed)
+
+
+def resolve_config(args: argparse.Namespace, overrides: dict[str, Any], preset_given: bool) -> Config:
+    """The config a command line asks for: the preset (or, with --resume, the run's saved
+    config) with the options given on top, checked."""
+    from lenet_jax.training import saved_config
+
+    if args.resume:
+        if args.workdir is None:
+            raise ValueError("--resume needs the --workdir of the run to continue")
+        if preset_given:
+            raise ValueError("--preset starts a new run; --resume continues a run with its saved options (give only the ones to change)")
+        if not args.workdir.is_dir():
+            raise ValueError(f"--workdir {args.workdir}: no such folder; --resume continues an existing run (check the path)")
+        base = saved_config(args.workdir) or preset(args.preset)
+    else:
+        base = preset(args.preset)
+    return base.replace(**overrides).validate()
+
+
+@command
+def run(args: argparse.Namespace, overrides: dict[str, Any], preset_given: bool) -> int:
+    """Resolve the config, then train."""
+    config = resolve_config(args, overrides, preset_given)
+    created = args.workdir is None or not args.workdir.exists()
+    workdir = args.workdir or new_run_folder(Path("runs"), time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        return train(config, workdir, resume=args.resume, progress=not args.no_progress, distributed=args.distributed)
+    except BaseException:
+        if created:
+            _remove_if_unused(workdir)
+        raise
+
+
+def train(config: Config, workdir: Path, resume: bool = False, progress: bool = True, distributed: bool = False) -> int:
+    """Train ``config`` into ``workdir`` and say where everything went. SIGTERM/SIGINT stop
+    it cleanly with a checkpoint (exit 0); a second one stops it at once."""
+    from lenet_jax.data import load_dataset
+    from lenet_jax.parallel import initialize_distributed, is_primary
+    from lenet_jax.preemption import StopRequest
+    from lenet_jax.training import fit
+
+    initialize_distributed(distributed)
+    if is_primary():
+        check_writable_folder(workdir, "--workdir")
+    say = (lambda m: print(m, flush=True)) if is_primary() else (lambda m: None)
+    dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=say)
+    say(f"data: {dataset.source}")
+    with StopRequest() as stop:
+        result = fit(config, dataset, workdir, resume=resume, log=say, progress=progress, stop=stop)
+    if not result.finished:
+        say(f"to continue: python train.py --workdir {workdir} --resume")
+        return 0
+    last = result.history[-1] if result.history else {}
+    say(f"done: test error {last.get('test_error', float('nan')):.2%} after {result.position.epoch} epochs")
+    say(f"checkpoints: {workdir / 'checkpoints'}\nmetrics log: {workdir / 'metrics.jsonl'}")
+    say(f"evaluate with: python eval.py --workdir {workdir}")
+    return 0
+
+
+def _remove_if_unused(workdir: Path) -> None:
+    """Remove a run folder this command created when the run failed before saving any
+    checkpoint, so failed runs leave no empty folders behind."""
+    checkpoints = workdir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        return
+    for name in (".lock", "config.json", "metrics.jsonl"):
+        (workdir / name).unlink(missing_ok=True)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    try:
+        workdir.rmdir()
+    except OSError:  # something else is in it: not ours to remove
+        pass

@@ -1,0 +1,108 @@
+"""Three implementations of the same 'VALID', stride-1 convolution (C1, C3 and C5).
+
+``xla``         ``lax.conv_general_dilated``, differentiated by JAX: the fastest forward
+                pass on the CPU (inference) and the default on GPUs and TPUs.
+``patches``     the k*k shifted windows concatenated along channels, then one matrix
+                product; JAX differentiates it in both modes (``jax.jvp`` included).
+``custom_vjp``  the windows taken by one gather with a constant index table, and a
+                hand-written backward pass of matrix products: the fastest for training
+                on the CPU at every batch size (docs/speed.md). JAX cannot
+                forward-differentiate it.
+
+Every product runs at the given precision policy (``lenet_jax.precision``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lenet_jax import precision as prec
+
+CONV_IMPLS = ("xla", "patches", "custom_vjp")
+FORWARD_DIFFERENTIABLE = ("xla", "patches")
+"""The implementations ``jax.jvp`` can differentiate."""
+
+
+def patches(x: jax.Array, k: int, gather: bool = False) -> jax.Array:
+    """The k x k windows of (..., H, W, C) maps, flattened in HWIO-kernel row order:
+    (..., H-k+1, W-k+1, k*k*C). By default the k*k shifted slices concatenated, whose
+    gradient autodiff writes as pads; ``gather=True`` takes them in one gather by a
+    constant index table, which XLA fuses with whatever produced ``x`` (for C1, the
+    batch's gather from the dataset)."""
+    h, w, c = x.shape[-3:]
+    ho, wo = h - k + 1, w - k + 1
+    if ho == 1 and wo == 1:  # C5: the whole input is one window
+        return x.reshape(x.shape[:-3] + (1, 1, k * k * c))
+    if gather:
+        r = np.arange
+        rows = r(ho)[:, None, None, None] + r(k)[:, None]  # (ho, 1, k, 1)
+        cols = r(wo)[:, None, None] + r(k)  # (wo, k, k) broadcast against rows
+        index = (rows * w + cols)[..., None] * c + r(c)  # (ho, wo, k, k, c)
+        return x.reshape(x.shape[:-3] + (h * w * c,))[..., index.reshape(ho, wo, k * k * c)]
+    return jnp.concatenate([x[..., i : i + ho, j : j + wo, :] for i in range(k) for j in range(k)], axis=-1)
+
+
+def overlap_add(cols: jax.Array, k: int, c: int) -> jax.Array:
+    """The adjoint of ``patches``: (..., Ho, Wo, k*k*C) window entries added back where
+    they came from, (..., Ho+k-1, Wo+k-1, C); the k column shifts of each kernel row
+    first, then the k row shifts (2k pads, not k*k)."""
+    *lead, ho, wo, _ = cols.shape
+    h, w = ho + k - 1, wo + k - 1
+    cols = cols.reshape(*lead, ho, wo, k, k, c)
+    keep = [(0, 0)] * len(lead)
+    rows = sum(jnp.pad(cols[..., j, :], keep + [(0, 0), (j, w - wo - j), (0, 0), (0, 0)]) for j in range(k))
+    return sum(jnp.pad(rows[..., i, :], keep + [(i, h - ho - i), (0, 0), (0, 0)]) for i in range(k))
+
+
+def _patch_conv(x: jax.Array, kernel: jax.Array, policy: str, gather: bool = False) -> jax.Array:
+    k, _, c, f = kernel.shape
+    return prec.matmul(patches(x, k, gather), kernel.reshape(k * k * c, f), policy)
+
+
+def _lax_conv(x: jax.Array, kernel: jax.Array, policy: str) -> jax.Array:
+    lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
+    y = prec.conv(x.reshape((-1, h, w, c)), kernel, policy)
+    return y.reshape(lead + y.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _custom_vjp_conv(x: jax.Array, kernel: jax.Array, policy: str) -> jax.Array:
+    return _patch_conv(x, kernel, policy, gather=True)
+
+
+def _custom_vjp_forward(x: jax.Array, kernel: jax.Array, policy: str) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _patch_conv(x, kernel, policy, gather=True), (x, kernel)
+
+
+def _custom_vjp_backward(policy: str, residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Both gradients as matrix products, the form XLA's CPU backend runs fast inside a
+    loop: the kernel's is the windows (extracted again; XLA shares them with the forward
+    pass) times ``dy``; the input's is ``dy`` times the kernel, overlap-added back onto
+    the input grid (for C5, whose output is 1x1, a plain reshape). C1's input gradient is
+    unused, and XLA drops it."""
+    x, kernel = residuals
+    k, _, c, f = kernel.shape
+    cols = patches(x, k, gather=True)
+    dkernel = prec.matmul(cols.reshape(-1, k * k * c).T, dy.reshape(-1, f), policy).reshape(kernel.shape)
+    dcols = prec.matmul(dy, kernel.reshape(k * k * c, f).T, policy)
+    dx = dcols.reshape(x.shape) if dy.shape[-3:-1] == (1, 1) else overlap_add(dcols, k, c)
+    return dx, dkernel
+
+
+_custom_vjp_conv.defvjp(_custom_vjp_forward, _custom_vjp_backward)
+
+
+def valid_conv(x: jax.Array, kernel: jax.Array, impl: str = "xla", policy: str = "float32") -> jax.Array:
+    """'VALID' stride-1 convolution of (..., H, W, C) maps by an HWIO kernel, computed by
+    ``impl`` (one of ``CONV_IMPLS``) at precision ``policy``."""
+    if impl == "patches":
+        return _patch_conv(x, kernel, policy)
+    if impl == "custom_vjp":
+        return _custom_vjp_conv(x, kernel, policy)
+    if impl != "xla":
+        raise ValueError(f"unknown convolution implementation {impl!r}; choose from {', '.join(CONV_IMPLS)}")
+    return _lax_conv(x, kernel, policy)

@@ -1,0 +1,75 @@
+"""What a Config builds: the model, the optimiser with its schedule, and a fresh TrainState."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training.train_state import TrainState
+
+from lenet_jax.config import Config
+from lenet_jax.conv import FORWARD_DIFFERENTIABLE
+from lenet_jax.model import LeNet5, init_params
+from lenet_jax.sdlm import paper_schedule, sdlm
+
+
+def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+    """The global step as a function of the optimiser step: the paper's per-pass table
+    (rescaled to ``config.learning_rate``), a cosine decay over the run, or a constant."""
+    lr = config.learning_rate
+    if config.schedule == "paper":
+        return paper_schedule(steps_per_epoch, lr)
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, config.epochs * steps_per_epoch)
+    return optax.constant_schedule(lr)
+
+
+def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SDLM (the paper), plain SGD, SGD with momentum or Adam, on the configured schedule,
+    with L2 weight decay on the weights (not the biases) when configured."""
+    schedule = make_schedule(config, steps_per_epoch)
+    if config.optimizer == "sdlm":
+        tx = sdlm(schedule, mu=config.mu)
+    elif config.optimizer == "sgd":
+        tx = optax.sgd(schedule)
+    elif config.optimizer == "momentum":
+        tx = optax.sgd(schedule, momentum=config.momentum)
+    else:
+        tx = optax.adam(schedule)
+    if config.weight_decay:
+        weights_only = lambda params: jax.tree.map_with_path(lambda path, _: path[-1].key != "bias", params)  # noqa: E731
+        tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=weights_only), tx)
+    return tx
+
+
+def conv_impl_for(config: Config, inference: bool = False, forward_mode: bool = False, backend: str | None = None) -> str:
+    """The convolution implementation a model of ``config`` uses. "auto" resolves by
+    backend and use: "custom_vjp" to train on the CPU (its hand-written gradient is the
+    fastest inside the compiled epoch there), "xla" for inference everywhere and for
+    training on GPUs and TPUs. ``forward_mode`` (a model ``jax.jvp`` differentiates)
+    turns "custom_vjp" into "patches"."""
+    impl = config.conv_impl
+    if impl == "auto":
+        impl = "custom_vjp" if (backend or jax.default_backend()) == "cpu" and not inference else "xla"
+    if forward_mode and impl not in FORWARD_DIFFERENTIABLE:
+        impl = "patches"
+    return impl
+
+
+def make_model(config: Config, inference: bool = False, forward_mode: bool = False) -> LeNet5:
+    """The LeNet5 module ``config`` describes (see ``conv_impl_for`` for the two flags).
+    Every convolution implementation computes the same function of the same parameters."""
+    return LeNet5(
+        head=config.head, init_exponent=config.init_exponent, init_scale=config.init_scale, bias_init=config.bias_init,
+        conv_impl=conv_impl_for(config, inference, forward_mode), precision=config.precision,
+        activation=config.activation, subsampling=config.subsampling, c3=config.c3, conv=config.conv, dropout=config.dropout,
+    )
+
+
+def create_state(config: Config, steps_per_epoch: int) -> TrainState:
+    """A fresh TrainState for ``config``, its parameters drawn from its seed; the
+    schedule needs ``steps_per_epoch`` (optimiser updates per pass)."""
+    model = make_model(config)
+    params = init_params(model, jax.random.fold_in(jax.random.key(config.seed), 0))
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config, steps_per_epoch))
+    return state.replace(step=jnp.zeros((), jnp.int32))  # an array from the start: the first chunk is not traced twice

@@ -1,0 +1,204 @@
+"""The compiled steps: pure functions of the state and the data, which lives on the device.
+
+An epoch is a few calls of ``train_chunk``, a jitted ``lax.scan`` of ``train_step`` over
+index batches into the device-resident dataset, so nothing runs in Python per update:
+batch size 1 (the paper's pure stochastic updates) costs what its arithmetic costs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.training.train_state import TrainState
+from jax.sharding import Mesh
+
+from lenet_jax import hessian
+from lenet_jax.config import Config
+from lenet_jax.distort import Distortion, distort_batch
+from lenet_jax.factories import make_model
+from lenet_jax.inputs import preprocess
+from lenet_jax.losses import Objective
+from lenet_jax.model import LeNet5
+from lenet_jax.parallel import split_batch
+from lenet_jax.sdlm import set_hessian
+
+Metrics = dict[str, jax.Array]
+
+PURPOSE_ORDER, PURPOSE_CURVATURE, PURPOSE_STEPS = 0, 1, 2
+"""What each stream of randomness derived from a run's seed is for."""
+
+
+def epoch_key(seed: int, epoch: int, purpose: int) -> jax.Array:
+    """Stateless per-epoch randomness: a run is reproducible and resumable from its seed."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), purpose)
+
+
+def step_keys(seed: int) -> jax.Array:
+    """The key every update's own randomness (dropout, distortions) is folded from."""
+    return jax.random.fold_in(jax.random.key(seed), PURPOSE_STEPS)
+
+
+def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> jax.Array:
+    """The epoch's shuffled index batches, (n // batch_size, batch_size); a remainder
+    smaller than a batch is left out of that epoch (a different one each epoch)."""
+    perm = jax.random.permutation(epoch_key(seed, epoch, PURPOSE_ORDER), n)
+    steps = n // batch_size
+    return perm[: steps * batch_size].reshape(steps, batch_size)
+
+
+def loss_fn(
+    params: Any, apply_fn: Callable, objective: Objective, x: jax.Array, y: jax.Array, key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Mean loss of a batch, and its number of errors (the on-the-fly training error).
+    With a ``key`` the model runs in training mode (dropout on, when it has any)."""
+    if key is None:
+        scores = apply_fn({"params": params}, x)
+    else:
+        scores = apply_fn({"params": params}, x, train=True, rngs={"dropout": key})
+    errors = jnp.sum(objective.predict(scores) != y)
+    return jnp.mean(objective.per_sample(scores, y)), errors
+
+
+def train_step(
+    state: TrainState, x: jax.Array, y: jax.Array, objective: Objective, key: jax.Array | None = None
+) -> tuple[TrainState, Metrics]:
+    """One update on a preprocessed batch; ``key`` drives dropout."""
+    (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.apply_fn, objective, x, y, key)
+    state = state.apply_gradients(grads=grads)
+    return state, {"loss": loss * y.shape[0], "errors": errors, "finite": jnp.isfinite(loss)}
+
+
+CHUNK_STATIC = ("objective", "mesh", "augment")
+
+
+def train_chunk(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    batches: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    objective: Objective,
+    mesh: Mesh | None = None,
+    augment: Distortion | None = None,
+) -> tuple[TrainState, Metrics]:
+    """Scan ``train_step`` over rows of ``batches`` (indices into the uint8 ``images``:
+    28x28, or faster padded once by ``pad_images``), each batch split over ``mesh`` when
+    one is given (data parallelism). Returns the state and the summed loss, the error
+    count and whether every loss was finite.
+
+    With a ``key``, each update's randomness (dropout, and the distortion ``augment`` of
+    its batch) is drawn from ``key`` folded with the optimiser step, so a resumed run
+    draws exactly what an uninterrupted one would."""
+
+    def body(carry, idx):
+        state, totals = carry
+        x = preprocess(images[idx])
+        update_key = None if key is None else jax.random.fold_in(key, state.step)
+        if augment is not None:
+            if update_key is None:
+                raise ValueError("distorting the training batches needs a key")
+            update_key, distort_key = jax.random.split(update_key)
+            x = distort_batch(distort_key, x, augment)
+        x, y = split_batch(x, mesh), split_batch(labels[idx], mesh)
+        state, m = train_step(state, x, y, objective, update_key)
+        totals = {"loss": totals["loss"] + m["loss"], "errors": totals["errors"] + m["errors"], "finite": totals["finite"] & m["finite"]}
+        return (state, totals), None
+
+    zero = {"loss": jnp.zeros((), jnp.float32), "errors": jnp.zeros((), jnp.int32), "finite": jnp.ones((), bool)}
+    (state, totals), _ = jax.lax.scan(body, (state, zero), batches)
+    return state, totals
+
+
+compiled_train_chunk = jax.jit(train_chunk, static_argnames=CHUNK_STATIC, donate_argnames=("state",))
+"""``train_chunk`` compiled; the state's buffers are donated (updated in place)."""
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "objective", "batch_size"))
+def evaluate_arrays(
+    params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array, objective: Objective, batch_size: int = 1000
+) -> dict[str, jax.Array]:
+    """Summed loss, error count and predictions over uint8 ``images`` (28x28, or padded
+    32x32), in batches."""
+    n = images.shape[0]
+    nb = -(-n // batch_size)
+    pad = nb * batch_size - n
+    imgs = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)).reshape((nb, batch_size) + images.shape[1:])
+    labs = jnp.pad(labels, (0, pad)).reshape(nb, batch_size)
+
+    def one(args):
+        x, y = args
+        scores = apply_fn({"params": params}, preprocess(x))
+        return objective.per_sample(scores, y), objective.predict(scores)
+
+    losses, preds = jax.lax.map(one, (imgs, labs))
+    losses, preds = losses.reshape(-1)[:n], preds.reshape(-1)[:n]
+    return {"loss": jnp.sum(losses), "errors": jnp.sum(preds != labels), "predictions": preds}
+
+
+def evaluate(params: Any, apply_fn: Callable, images: Any, labels: Any, objective: Objective, batch_size: int = 1000) -> dict[str, Any]:
+    """Mean loss, error rate, error count, predictions and confusion matrix (rows: true)."""
+    out = evaluate_arrays(params, apply_fn, jnp.asarray(images), jnp.asarray(labels), objective, min(batch_size, len(labels)))
+    return summarize_evaluation(out, labels)
+
+
+def summarize_evaluation(out: dict[str, Any], labels: Any) -> dict[str, Any]:
+    """The host-side report of ``evaluate_arrays``' output."""
+    preds = np.asarray(out["predictions"])
+    labels = np.asarray(labels)
+    confusion = np.zeros((10, 10), np.int64)
+    np.add.at(confusion, (labels, preds), 1)
+    n = len(labels)
+    return {
+        "loss": float(out["loss"]) / n,
+        "error": int(out["errors"]) / n,
+        "errors": int(out["errors"]),
+        "n": n,
+        "predictions": preds,
+        "confusion": confusion,
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("estimator", "model", "objective", "probes"))
+def estimate_hessian(
+    params: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    pick: jax.Array,
+    key: jax.Array,
+    estimator: str,
+    model: LeNet5,
+    objective: Objective,
+    probes: int = 8,
+) -> Any:
+    """A compiled Hessian-diagonal estimate over the uint8 ``images[pick]`` (see
+    ``lenet_jax.hessian``)."""
+    return hessian.estimate(estimator, model, objective, params, preprocess(images[pick]), labels[pick], key, probes=probes)
+
+
+def curvature_model(config: Config) -> LeNet5:
+    """The model the configured estimator differentiates (forward-differentiable when it
+    takes ``jax.jvp``)."""
+    return make_model(config, forward_mode=hessian.get_estimator(config.hessian_estimator).forward_mode)
+
+
+def curvature_sample(config: Config, epoch: int, n: int) -> tuple[jax.Array, jax.Array]:
+    """The training patterns (indices) the estimate before ``epoch`` averages over, and
+    the key of its own randomness."""
+    key = epoch_key(config.seed, epoch, PURPOSE_CURVATURE)
+    pick = jax.random.choice(key, n, (min(config.hessian_samples, n),), replace=False)
+    return pick, jax.random.fold_in(key, 1)
+
+
+def refresh_curvature(state: TrainState, images: jax.Array, labels: jax.Array, config: Config, epoch: int) -> TrainState:
+    """Before a pass: average the estimate over ``config.hessian_samples`` random training
+    patterns and hold it fixed in the optimiser state for the pass (appendix C). The
+    patterns are the same on every device: the average is over the global sample."""
+    pick, key = curvature_sample(config, epoch, labels.shape[0])
+    h = estimate_hessian(state.params, images, labels, pick, key, config.hessian_estimator, curvature_model(config),
+                         config.objective, config.hutchinson_probes)
+    return state.replace(opt_state=set_hessian(state.opt_state, h))
