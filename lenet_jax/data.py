@@ -245,6 +245,10 @@ def load_dataset(
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; choose from {', '.join(SOURCES)}")
     cache = cache_path(cache_dir or default_cache_dir(), dataset)
+    try:
+        remove_stale_temporaries(cache)  # what a writer killed mid-write left behind
+    except OSError:
+        pass
 
     def from_cache() -> Dataset:
         if not (cache.exists() or cache.is_symlink()):

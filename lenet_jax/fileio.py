@@ -69,7 +69,8 @@ def remove_stale_temporaries(path: Path | str) -> list[Path]:
     removed = []
     if not path.parent.is_dir():
         return removed
-    for tmp in path.parent.glob(_temp_prefix(path) + "*" + TEMP_SUFFIX):
+    candidates = set(path.parent.glob(_temp_prefix(path) + "*" + TEMP_SUFFIX)) | set(path.parent.glob(path.name + "*" + TEMP_SUFFIX))
+    for tmp in sorted(candidates):  # the second pattern: how earlier versions named them
         try:
             fd = os.open(tmp, os.O_RDONLY)
         except OSError:

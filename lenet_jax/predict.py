@@ -5,13 +5,20 @@ MNIST's digits were size-normalised to fit a 20x20 box keeping their aspect rati
 field. A photo or a drawing that skips this (a digit filling the frame, dark on light,
 off-centre) is the most common reason a network that scores 99% on MNIST fails on a
 user's own digits, so ``mnist_recipe`` applies the same steps to any image.
+
+Images are read one at a time and the network runs over batches of them, so a folder of
+any size takes bounded memory; an image that cannot be used (unreadable, too large,
+blank) gets its own error and never stops the others.
 """
 
 from __future__ import annotations
 
+import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,31 +37,95 @@ MNIST_CENTRE = 14.0
 MIN_CONTRAST = 32
 """Fewest grey levels (of 255) between background and ink for an image to hold a digit."""
 
+MAX_PIXELS = 50_000_000
+"""The largest image read (width x height): a digit needs far fewer, and a file that
+declares more (a decompression bomb) would take gigabytes."""
+
+BATCH = 512
+"""Images per network call when predicting a folder."""
+
 
 class ImageError(ValueError):
     """An image that cannot be read or holds no digit; the message names the file."""
 
 
-def read_grey(path: Path | str) -> np.ndarray:
-    """The image at ``path`` as a float (H, W) array in [0, 255], 255 white. Transparent
-    pixels count as white (a digit drawn on a transparent canvas)."""
-    from PIL import Image, UnidentifiedImageError
+@dataclass
+class Picture:
+    """A grey image read from a file: (H, W) floats in [0, 255], 255 white; for an
+    animated image, which frame it is."""
+
+    grey: np.ndarray
+    frame: int | None = None
+    frames: int = 1
+
+
+def _grey(im: Any) -> np.ndarray:
+    """One Pillow frame as floats in [0, 255]: 16-bit and 32-bit grey scaled (not clipped)
+    to 8 bits, transparency composited over white."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(im, np.float64) / 257.0
+    if im.mode in ("I", "F"):
+        values = np.asarray(im, np.float64)
+        top = 65535.0 if values.max(initial=0) > 255 else 255.0  # 16-bit PNGs open as "I" in some Pillow versions
+        return np.clip(values, 0, top) * (255.0 / top)
+    if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return np.asarray(im.convert("L"), np.float64)
+
+
+def _has_ink(grey: np.ndarray) -> bool:
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    return float(np.max(np.abs(grey - np.median(border)))) >= MIN_CONTRAST
+
+
+def read_picture(path: Path | str, max_pixels: int = MAX_PIXELS) -> Picture:
+    """The image at ``path``, turned upright by its EXIF orientation; for an animated
+    image its first frame that is not blank. Only regular files are opened, and none
+    larger than ``max_pixels``. Every failure is an ImageError naming the file."""
+    from PIL import Image, ImageOps
 
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "P", "PA"):
-                im = im.convert("RGBA")
-                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(white, im)
-            grey = np.asarray(im.convert("L"), np.float64)
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a folder") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"{path}: is a folder")
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{path}: not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is ours, and lower
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise ImageError(f"{path}: {width}x{height} pixels, more than the limit of {max_pixels:,} (--max-pixels)")
+                frames = getattr(im, "n_frames", 1)
+                for frame in range(frames):
+                    im.seek(frame)
+                    grey = _grey(ImageOps.exif_transpose(im) if frame == 0 else im.copy())
+                    if frames == 1 or _has_ink(grey):
+                        return Picture(grey, frame if frames > 1 else None, frames)
+                raise ImageError(f"{path}: no digit found in any of its {frames} frames")
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"{path}: declares more pixels than the limit of {max_pixels:,} (--max-pixels)") from None
+    except MemoryError:
+        raise ImageError(f"{path}: too large to decode in memory") from None
+    except Exception as e:  # Pillow raises many kinds for damaged files; any of them means unusable
         raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+def read_grey(path: Path | str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image at ``path`` as a float (H, W) array in [0, 255], 255 white (see ``read_picture``)."""
+    grey = read_picture(path, max_pixels).grey
     if grey.size == 0:
         raise ImageError(f"{path}: the image is empty (0 pixels)")
     return grey
@@ -102,8 +173,8 @@ def mnist_recipe(grey: np.ndarray, where: str = "<image>") -> np.ndarray:
     return np.round(field).astype(np.uint8)
 
 
-def image_paths(inputs: list[Path | str]) -> list[Path]:
-    """The files named, with each folder replaced by its image files (sorted)."""
+def image_paths(inputs: Iterable[Path | str]) -> list[Path]:
+    """The files named, with each folder replaced by its regular image files (sorted)."""
     out: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -116,14 +187,16 @@ def image_paths(inputs: list[Path | str]) -> list[Path]:
 @dataclass
 class Prediction:
     """What the network says about one image: the class, the ten scores (RBF penalties,
-    lower is better, or softmax probabilities) and the confidence margin (runner-up
-    penalty minus the winner's, or the winner's probability minus the runner-up's)."""
+    lower is better, or softmax probabilities), the confidence margin (runner-up
+    penalty minus the winner's, or the winner's probability minus the runner-up's), and
+    for an animated image the frame read."""
 
     path: str
     digit: int | None = None
     scores: list[float] | None = None
     score_kind: str = ""
     margin: float | None = None
+    frame: int | None = None
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,31 +216,53 @@ def predict_digits(
     return scores.argmin(-1), scores, ranked[:, 1] - ranked[:, 0], "rbf_penalties"
 
 
-def predict_images(params: Any, apply_fn: Callable, objective: Objective, paths: list[Path]) -> list[Prediction]:
-    """A Prediction per path, in order; an unreadable or blank image gets ``error`` set
-    and the others are still predicted."""
-    results = [Prediction(str(p)) for p in paths]
-    digits, good = [], []
-    for i, p in enumerate(paths):
+def _prepare(path: Path, max_pixels: int) -> tuple[np.ndarray, int | None]:
+    picture = read_picture(path, max_pixels)
+    if picture.grey.size == 0:
+        raise ImageError(f"{path}: the image is empty (0 pixels)")
+    return mnist_recipe(picture.grey, str(path)), picture.frame
+
+
+def predict_stream(
+    params: Any, apply_fn: Callable, objective: Objective, paths: Iterable[Path], max_pixels: int = MAX_PIXELS, batch: int = BATCH
+) -> Iterator[Prediction]:
+    """A Prediction per path, in order, yielded batch by batch: an image that cannot be
+    used gets ``error`` set and the others are still predicted."""
+    pending: list[tuple[Prediction, np.ndarray | None]] = []
+
+    def flush() -> Iterator[Prediction]:
+        good = [(p, d) for p, d in pending if d is not None]
+        if good:
+            digits = np.zeros((batch, 28, 28), np.uint8)  # one shape: one compiled program
+            digits[: len(good)] = np.stack([d for _, d in good])
+            classes, scores, margins, kind = predict_digits(params, apply_fn, objective, digits)
+            for j, (p, _) in enumerate(good):
+                p.digit, p.scores, p.score_kind, p.margin = int(classes[j]), [float(v) for v in scores[j]], kind, float(margins[j])
+        yield from (p for p, _ in pending)
+        pending.clear()
+
+    for path in paths:
+        p = Prediction(str(path))
         try:
-            digits.append(mnist_recipe(read_grey(p), str(p)))
-            good.append(i)
+            digit, p.frame = _prepare(Path(path), max_pixels)
         except ImageError as e:
-            results[i].error = str(e)
-    if good:
-        classes, scores, margins, kind = predict_digits(params, apply_fn, objective, np.stack(digits))
-        for j, i in enumerate(good):
-            results[i].digit = int(classes[j])
-            results[i].scores = [float(v) for v in scores[j]]
-            results[i].score_kind = kind
-            results[i].margin = float(margins[j])
-    return results
+            p.error, digit = str(e), None
+        pending.append((p, digit))
+        if len(pending) == batch:
+            yield from flush()
+    yield from flush()
+
+
+def predict_images(params: Any, apply_fn: Callable, objective: Objective, paths: list[Path], max_pixels: int = MAX_PIXELS) -> list[Prediction]:
+    """``predict_stream`` as a list."""
+    return list(predict_stream(params, apply_fn, objective, paths, max_pixels, batch=min(BATCH, max(1, len(paths)))))
 
 
 def format_prediction(p: Prediction) -> str:
-    """One line per image: the class, its margin and the ten scores."""
+    """One line per image: the class, its margin and the ten scores (and the frame read)."""
     if p.error is not None:
         return f"error: {p.error}"
     label = "penalties" if p.score_kind == "rbf_penalties" else "probabilities"
     scores = " ".join(f"{d}:{v:.3g}" for d, v in enumerate(p.scores or []))
-    return f"{p.path}: {p.digit}  (margin {p.margin:.3g})  {label} {scores}"
+    frame = f" [frame {p.frame}]" if p.frame is not None else ""
+    return f"{p.path}{frame}: {p.digit}  (margin {p.margin:.3g})  {label} {scores}"

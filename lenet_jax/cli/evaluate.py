@@ -17,6 +17,17 @@ from lenet_jax.cli import ArgumentParser, parse
 from lenet_jax.config import Config
 from lenet_jax.data import SOURCES, Dataset, load_dataset
 from lenet_jax.errors import command
+from lenet_jax.predict import MAX_PIXELS
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid whole number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def step_choice(text: str) -> str:
@@ -38,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--summary", action="store_true", help="print the layer table (output shapes, parameters, connections)")
     what.add_argument("--figures", type=Path, metavar="DIR", help="evaluate and write the PNG figures into DIR")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the human summary")
+    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+                        help="with --image: refuse images with more pixels than this (width x height)")
     parser.add_argument("--data-source", choices=SOURCES, default=None, help="override the run's data source")
     parser.add_argument("--data-dir", default=None, help="override the run's IDX / tfds folder")
     parser.add_argument("--cache-dir", default=None, help="override the run's data cache folder")
@@ -52,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         return run_summary(path, args.step, args.json)
     if args.image:
-        return run_prediction(path, args.step, args.image, args.json)
+        return run_prediction(path, args.step, args.image, args.json, args.max_pixels)
     overrides = {"data_source": args.data_source, "data_dir": args.data_dir, "cache_dir": args.cache_dir}
     return run_evaluation(path, args.step, args.json, overrides, args.figures)
 
@@ -127,25 +140,25 @@ def run_summary(path: Path | None, which: str = "best", as_json: bool = False) -
 
 
 @command
-def run_prediction(path: Path | None, which: str, images: list[Path], as_json: bool = False) -> int:
-    """Predict the digit in each image; exit code 2 if any image could not be used."""
-    from lenet_jax.predict import format_prediction, image_paths, predict_images
+def run_prediction(path: Path | None, which: str, images: list[Path], as_json: bool = False, max_pixels: int = MAX_PIXELS) -> int:
+    """Predict the digit in each image, printing each batch's lines as it is done; exit
+    code 2 if any image could not be used."""
+    from lenet_jax.predict import format_prediction, image_paths, predict_stream
 
     paths = image_paths(images)
     if not paths:
         raise ValueError("--image: no image files found in " + ", ".join(map(str, images)))
     loaded = load_model(path, which)
-    results = predict_images(loaded.params, loaded.apply_fn, loaded.config.objective, paths)
-    for r in results:
+    total = failed = 0
+    for r in predict_stream(loaded.params, loaded.apply_fn, loaded.config.objective, paths, max_pixels):
+        total += 1
+        failed += r.error is not None
         if as_json:
-            print(json.dumps(r.to_dict()))
-        elif r.error is None:
-            print(format_prediction(r))
+            print(json.dumps(r.to_dict()), flush=True)
         else:
-            print(format_prediction(r), file=sys.stderr)
-    failed = sum(r.error is not None for r in results)
+            print(format_prediction(r), file=sys.stdout if r.error is None else sys.stderr, flush=True)
     if failed:
-        print(f"error: {failed} of {len(results)} images could not be used", file=sys.stderr)
+        print(f"error: {failed} of {total} images could not be used", file=sys.stderr)
     return 2 if failed else 0
 
 
