@@ -103,7 +103,7 @@ class Config:
 
     @property
     def objective(self) -> Objective:
-        return Objective(self.head, self.loss, self.map_j)
+        return Objective(self.head, self.loss, self.map_j, self.precision)
 
     @property
     def distortion(self) -> Distortion | None:

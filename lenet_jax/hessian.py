@@ -157,7 +157,7 @@ def hutchinson_diagonal(
         )
         jv = jax.vmap(lambda v: jax.jvp(f, (params,), (v,))[1])(probes_tree)
         rows = objective.curvature_factor(out, y)
-        hjv = prec.matmul(prec.matmul(jv, rows.T), rows)
+        hjv = prec.matmul(prec.matmul(jv, rows.T, objective.precision), rows, objective.precision)
         (gnv,) = jax.vmap(vjp)(hjv)
         return jax.tree.map(lambda v, g: jnp.mean(v * g, 0), probes_tree, gnv)
 

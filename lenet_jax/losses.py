@@ -47,11 +47,13 @@ def _softmax_factor(p: jax.Array) -> jax.Array:
 @dataclass(frozen=True)
 class Objective:
     """What is minimised: ``head`` in {"rbf", "softmax"}, ``loss`` in {"map", "mse"} for
-    the RBF head or "xent" for the softmax head, and the MAP constant ``j``."""
+    the RBF head or "xent" for the softmax head, and the MAP constant ``j``;
+    ``precision`` is the policy of the products in its output curvature."""
 
     head: str = "rbf"
     loss: str = "map"
     j: float = DEFAULT_J
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         allowed = {"rbf": ("map", "mse"), "softmax": ("xent",)}
@@ -97,4 +99,4 @@ class Objective:
         p = jax.nn.softmax(jnp.concatenate([-penalties, jnp.array([-self.j], outputs.dtype)]))
         factor = _softmax_factor(p)[:, :10]
         jac = 2.0 * diff
-        return jnp.concatenate([quadratic, prec.matmul(factor, jac)], axis=0)
+        return jnp.concatenate([quadratic, prec.matmul(factor, jac, self.precision)], axis=0)

@@ -28,24 +28,51 @@ def check(policy: str) -> str:
     return policy
 
 
-def _operands(policy: str, *xs: jax.Array) -> tuple[jax.Array, ...]:
-    if policy == "bfloat16":
-        return tuple(x.astype(jnp.bfloat16) for x in xs)
-    return xs
+def _dot(x: jax.Array, y: jax.Array, policy: str, out_dtype: jnp.dtype) -> jax.Array:
+    return jnp.matmul(x, y, precision=_LEVELS[policy], preferred_element_type=out_dtype)
 
 
-def matmul(a: jax.Array, b: jax.Array, policy: str = "float32") -> jax.Array:
-    """``a @ b`` at ``policy``; the result has ``a``'s dtype."""
-    out_dtype = a.dtype
-    a, b = _operands(check(policy), a, b)
-    return jnp.matmul(a, b, precision=_LEVELS[policy], preferred_element_type=out_dtype)
-
-
-def conv(x: jax.Array, kernel: jax.Array, policy: str = "float32") -> jax.Array:
-    """A 'VALID', stride-1 NHWC x HWIO convolution at ``policy``; the result has ``x``'s dtype."""
-    out_dtype = x.dtype
-    x, kernel = _operands(check(policy), x, kernel)
+def _conv(x: jax.Array, kernel: jax.Array, policy: str, out_dtype: jnp.dtype) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=_LEVELS[policy], preferred_element_type=out_dtype,
     )
+
+
+def _in_bfloat16(op):
+    """``op`` (a bilinear product) on bfloat16 operands with a float32 result, whose
+    derivatives, forward and backward, are bfloat16 products too: the tangent products
+    have bfloat16 results, so their transposes (the backward pass) multiply bfloat16
+    operands rather than falling back to float32 products at the default precision."""
+
+    @jax.custom_jvp
+    def product(x: jax.Array, y: jax.Array) -> jax.Array:
+        return op(x.astype(jnp.bfloat16), y.astype(jnp.bfloat16), "bfloat16", x.dtype)
+
+    @product.defjvp
+    def product_jvp(primals, tangents):
+        (x, y), (dx, dy) = primals, tangents
+        x16, y16 = x.astype(jnp.bfloat16), y.astype(jnp.bfloat16)
+        out = op(x16, y16, "bfloat16", x.dtype)
+        half = lambda a, b: op(a, b, "bfloat16", jnp.bfloat16).astype(x.dtype)  # noqa: E731
+        return out, half(dx.astype(jnp.bfloat16), y16) + half(x16, dy.astype(jnp.bfloat16))
+
+    return product
+
+
+_bf16_dot, _bf16_conv = _in_bfloat16(_dot), _in_bfloat16(_conv)
+
+
+def matmul(a: jax.Array, b: jax.Array, policy: str = "float32") -> jax.Array:
+    """``a @ b`` at ``policy``, its derivatives too; the result has ``a``'s dtype."""
+    if check(policy) == "bfloat16":
+        return _bf16_dot(a, b)
+    return _dot(a, b, policy, a.dtype)
+
+
+def conv(x: jax.Array, kernel: jax.Array, policy: str = "float32") -> jax.Array:
+    """A 'VALID', stride-1 NHWC x HWIO convolution at ``policy``, its derivatives too; the
+    result has ``x``'s dtype."""
+    if check(policy) == "bfloat16":
+        return _bf16_conv(x, kernel)
+    return _conv(x, kernel, policy, x.dtype)
