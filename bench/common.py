@@ -87,10 +87,10 @@ def emit(r: dict[str, Any], as_json: bool) -> None:
 
 
 def mnist() -> Any:
-    """MNIST through the project's loader (cache, IDX folder from $LENET_JAX_DATA_DIR, ...)."""
+    """MNIST through the project's loader (cache, the IDX folder $LENET_JAX_DATA_DIR, ...)."""
     from lenet_jax.data import load_dataset
 
-    return load_dataset("mnist", "auto", data_dir=os.environ.get("LENET_JAX_DATA_DIR") or None, log=lambda m: None)
+    return load_dataset("mnist", "auto", log=lambda m: None)
 
 
 def as_uint8(x: Any) -> np.ndarray:

