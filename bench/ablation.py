@@ -3,6 +3,7 @@ counterpart, train, and print test error and seconds per row.
 
     python -m bench.ablation                  # every row, 10 passes each
     python -m bench.ablation --epochs 20 --rows paper modern --json runs/ablation.json
+    python -m bench.ablation --seeds 0,1,2    # each row three seeds, trained together; mean and spread
 
 Every row starts from the ``paper`` preset and changes only what its ``changes`` say;
 the "modern" row is the ``modern`` preset (all of them together).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -20,6 +22,7 @@ from typing import Any
 
 from lenet_jax.config import Config, preset
 from lenet_jax.data import Dataset, load_dataset
+from lenet_jax.replicas import fit_seeds
 from lenet_jax.training import fit
 
 SWAPS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -52,23 +55,30 @@ def changes_from_paper(config: Config) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if paper[k] != v}
 
 
-def run_row(name: str, epochs: int, seed: int, dataset: Dataset) -> dict[str, Any]:
+def run_row(name: str, epochs: int, seeds: list[int], dataset: Dataset) -> dict[str, Any]:
+    """One row: a run per seed (several seeds in one compiled program), their mean."""
     what, config = rows()[name]
-    config = config.replace(epochs=epochs, seed=seed, keep=1).validate()
-    head = {"row": name, "what": what, "changes": changes_from_paper(config), "epochs": epochs, "seed": seed}
+    config = config.replace(epochs=epochs, seed=seeds[0], keep=1).validate()
+    head = {"row": name, "what": what, "changes": changes_from_paper(config), "epochs": epochs, "seeds": seeds}
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.perf_counter()
         try:
-            history = fit(config, dataset, workdir, log=lambda m: None, progress=False).history
+            if len(seeds) == 1:
+                histories = [fit(config, dataset, workdir, log=lambda m: None, progress=False).history]
+            else:
+                histories = [r.history for r in fit_seeds(config, seeds, dataset, workdir, log=lambda m: None, progress=False)]
         except FloatingPointError as e:
             return {**head, "diverged": str(e)}
         total = time.perf_counter() - t0
+    finals = [h[-1]["test_error"] for h in histories]
     return {
         **head,
-        "test_error": history[-1]["test_error"],
-        "best_test_error": min(r["test_error"] for r in history),
-        "train_error": history[-1]["train_error"],
-        "seconds_per_pass": sum(r["seconds"] for r in history) / len(history),
+        "test_error": statistics.mean(finals),
+        "test_error_spread": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+        "test_errors": finals,
+        "best_test_error": statistics.mean(min(r["test_error"] for r in h) for h in histories),
+        "train_error": statistics.mean(h[-1]["train_error"] for h in histories),
+        "seconds_per_pass": sum(r["seconds"] for r in histories[0]) / len(histories[0]),
         "total_seconds": total,
     }
 
@@ -79,8 +89,9 @@ def table(results: list[dict]) -> str:
         if "diverged" in r:
             lines.append(f"| {r['row']} | {r['what']} | diverged | | | |")
             continue
+        spread = f" ± {r['test_error_spread']:.2%}" if r.get("test_error_spread") else ""
         lines.append(
-            f"| {r['row']} | {r['what']} | {r['test_error']:.2%} | {r['best_test_error']:.2%} "
+            f"| {r['row']} | {r['what']} | {r['test_error']:.2%}{spread} | {r['best_test_error']:.2%} "
             f"| {r['seconds_per_pass']:.1f} | {r['total_seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -90,15 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", choices=list(rows()), default=list(rows()), help="which rows to run")
     parser.add_argument("--epochs", type=int, default=10, help="passes per row")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="seeds per row, comma-separated (several train together; the row reports their mean)")
     parser.add_argument("--json", type=Path, help="also write the results here (rewritten after each row)")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
+    seeds = [int(s) for s in args.seeds.split(",")]
     dataset = load_dataset("mnist", log=lambda m: print(m, file=sys.stderr))
     results = []
     for name in args.rows:
-        r = run_row(name, args.epochs, args.seed, dataset)
+        r = run_row(name, args.epochs, seeds, dataset)
         results.append(r)
         done = r["diverged"] if "diverged" in r else f"test {r['test_error']:.2%}, {r['seconds_per_pass']:.1f} s/pass"
         print(f"{name}: {done}", file=sys.stderr, flush=True)

@@ -7,6 +7,8 @@
   sdlm_refresh   one SDLM Hessian refresh over 500 training patterns, in seconds
   paper_pass     with --pass: one whole pass of the paper's training (refresh and 60,000
                  batch-1 updates), in seconds
+  train_b1_xN    with --replicas N: batch-1 SDLM for N seeds in one compiled program,
+                 model-updates per second (all N together)
   compile_s      seconds to lower and compile each program
 
 Rates are the best and the median of --repeats timed runs after a warm-up.
@@ -21,6 +23,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from bench import common
 from lenet_jax.config import Config
@@ -29,6 +32,7 @@ from lenet_jax.factories import conv_impl_for, create_state, make_model
 from lenet_jax.hessian import ESTIMATORS
 from lenet_jax.inputs import pad_images
 from lenet_jax.precision import PRECISIONS
+from lenet_jax.replicas import replicated_train_chunk, stack
 from lenet_jax.steps import (
     compiled_train_chunk,
     curvature_model,
@@ -48,7 +52,7 @@ def _compile(jitted: Any, *args: Any, **static: Any) -> tuple[Any, float]:
 
 
 def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", precision: str = "float32",
-            estimator: str = "paper", large_batch: bool | None = None, full_pass: bool = False) -> dict[str, Any]:
+            estimator: str = "paper", large_batch: bool | None = None, full_pass: bool = False, replicas: int = 0) -> dict[str, Any]:
     ds = common.mnist()
     images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)  # as training holds them
     test_images, test_labels = jax.device_put(ds.test_images), jax.device_put(ds.test_labels)
@@ -93,6 +97,22 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
     wait(infer(**dynamic))
     results["infer_b1000"] = common.rate(common.repeat(lambda: infer(**dynamic), repeats, wait), len(ds.test_labels))
 
+    if replicas:
+        seeds = list(range(replicas))
+        template = create_state(sdlm, n)
+        many = stack([refresh_curvature(template.replace(params=create_state(sdlm.replace(seed=s), n).params), images, labels,
+                                        sdlm.replace(seed=s), 1) for s in seeds])
+        rb = jnp.stack([epoch_batches(s, 1, n, 1)[:samples] for s in seeds])
+        rk = jnp.stack([step_keys(s) for s in seeds])
+        step, compile_s[f"train_b1_x{replicas}"] = _compile(replicated_train_chunk, many, images, labels, rb, rk, objective=sdlm.objective)
+        many, _ = wait(step(many, images, labels, rb, rk))
+        seconds = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            many, _ = wait(step(many, images, labels, rb, rk))
+            seconds.append(time.perf_counter() - t0)
+        results[f"train_b1_x{replicas}"] = common.rate(seconds, samples * replicas, "model-updates/s")
+
     if full_pass:
         batches = epoch_batches(0, 2, n, 1)
         t0 = time.perf_counter()
@@ -123,8 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large-batch", action=argparse.BooleanOptionalAction, default=None,
                         help="also batch 4096 (default: on accelerators only)")
     parser.add_argument("--pass", dest="full_pass", action="store_true", help="also time one whole pass of the paper's training")
+    parser.add_argument("--replicas", type=int, default=0, help="also batch-1 SDLM for this many seeds in one compiled program")
     args = parser.parse_args(argv)
-    common.emit(measure(args.samples, args.repeats, args.conv_impl, args.precision, args.estimator, args.large_batch, args.full_pass), args.json)
+    result = measure(args.samples, args.repeats, args.conv_impl, args.precision, args.estimator, args.large_batch, args.full_pass, args.replicas)
+    common.emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,10 @@ def training_split(config: Config, dataset: Dataset) -> tuple[np.ndarray, np.nda
 
 
 @dataclass(frozen=True)
-class _Run:
+class Run:
     """What every pass of one run shares: its config and folder, the data on the device,
-    the mesh, the chunking, and how it reports and is stopped."""
+    the mesh, the chunking, and how it reports and is stopped (``replicas`` builds one per
+    seed, sharing the arrays)."""
 
     config: Config
     workdir: Path
@@ -93,7 +94,7 @@ class _Run:
     infer_fn: Callable = field(repr=False)
 
 
-def _zero_totals() -> dict[str, float]:
+def zero_totals() -> dict[str, float]:
     return {"loss": 0.0, "errors": 0, "seconds": 0.0}
 
 
@@ -126,11 +127,11 @@ def fit(
     with exclusive(workdir) if primary else contextlib.nullcontext():
         mngr = ckpt.manager(workdir / CHECKPOINTS)
         try:
-            state, history, start, totals = _start(config, template, steps, mngr, resume, workdir, say)
+            state, history, start, totals = start_or_resume(config, template, steps, mngr, resume, workdir, say)
             if primary:
                 atomic_write_text(workdir / CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
-                _write_metrics(workdir, history, say)
-            run = _Run(
+                write_metrics(workdir, history, say)
+            run = Run(
                 config=config, workdir=workdir,
                 images=put_replicated(pad_images(images), mesh), labels=put_replicated(labels, mesh),
                 validation=None if validation is None else (jax.device_put(validation[0]), jax.device_put(validation[1])),
@@ -143,7 +144,7 @@ def fit(
             mngr.close()
 
 
-def _start(
+def start_or_resume(
     config: Config, template: TrainState, steps: int, mngr: Any, resume: bool, workdir: Path, say: Callable[[str], None]
 ) -> tuple[TrainState, list[dict[str, Any]], Position, dict[str, float]]:
     """The state, history, position and running sums a run starts from: a fresh state,
@@ -151,7 +152,7 @@ def _start(
     if mngr.latest_step() is None:
         if resume:
             say(f"{workdir} holds no checkpoint yet: starting the run")
-        return template, [], Position(1, 0, steps), _zero_totals()
+        return template, [], Position(1, 0, steps), zero_totals()
     if not resume:
         raise CheckpointError(f"{workdir} already holds checkpoints: pass --resume to continue it or choose another --workdir")
 
@@ -171,12 +172,12 @@ def _start(
     position = Position.of_step(int(state.step), steps)
     if position.complete and position.epoch > config.epochs:
         raise ValueError(f"--epochs {config.epochs}: the run in {workdir} has already completed {position.epoch} epochs")
-    totals = _zero_totals() if position.complete else {k: record["totals"][k] for k in _zero_totals()}
+    totals = zero_totals() if position.complete else {k: record["totals"][k] for k in zero_totals()}
     say(f"resuming {workdir} at {position.describe()}")
     return state, list(record.get("history", [])), position, totals
 
 
-def _train(run: _Run, state: TrainState, history: list[dict[str, Any]], start: Position, totals: dict[str, float]) -> RunResult:
+def _train(run: Run, state: TrainState, history: list[dict[str, Any]], start: Position, totals: dict[str, float]) -> RunResult:
     """The passes from ``start`` to the last, each saved when it completes; a stop
     request saves mid-pass and returns."""
     config = run.config
@@ -185,17 +186,17 @@ def _train(run: _Run, state: TrainState, history: list[dict[str, Any]], start: P
     first = start.epoch + 1 if start.complete else start.epoch
     for epoch in range(first, config.epochs + 1):
         resumed = epoch == start.epoch
-        state, totals, done = _train_epoch(run, state, epoch, start.update if resumed else 0, totals if resumed else _zero_totals())
+        state, totals, done = _train_epoch(run, state, epoch, start.update if resumed else 0, totals if resumed else zero_totals())
         position = Position(epoch, done, run.steps)
         if not position.complete:
-            _save(run, state, history, position, {"totals": totals})
+            save_position(run, state, history, position, {"totals": totals})
             run.say(f"stopped in epoch {epoch} after {done:,} of {run.steps:,} updates; checkpoint in {run.workdir / CHECKPOINTS}")
             return RunResult(state, history, run.workdir, position, config.epochs)
-        row = _evaluate_epoch(run, state, epoch, totals)
+        row = evaluate_epoch(run, state, epoch, totals)
         history = history + [row]
-        _save(run, state, history, position, {"metrics": row})
+        save_position(run, state, history, position, {"metrics": row})
         if is_primary():
-            _append_metrics(run.workdir, row, run.say)
+            append_metrics(run.workdir, row, run.say)
         val = f"  val {row['val_error']:.2%}" if "val_error" in row else ""
         run.say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_error']:.2%}{val}"
                 f"  test {row['test_error']:.2%}  {row['seconds']:.1f}s")
@@ -217,7 +218,7 @@ def describe_run(config: Config, state: TrainState, images: int, mesh: Mesh) -> 
     )
 
 
-def _wait(tree: Any) -> Any:
+def wait(tree: Any) -> Any:
     """``tree`` on the host once computed; the wait sleeps in Python, so a signal handler
     runs (and a second signal can end the process) while a compiled chunk is running."""
     while not all(leaf.is_ready() for leaf in jax.tree.leaves(tree)):
@@ -225,7 +226,7 @@ def _wait(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
-def _train_epoch(run: _Run, state: TrainState, epoch: int, first: int, totals: dict[str, float]) -> tuple[TrainState, dict[str, float], int]:
+def _train_epoch(run: Run, state: TrainState, epoch: int, first: int, totals: dict[str, float]) -> tuple[TrainState, dict[str, float], int]:
     """Updates ``first``.. of pass ``epoch``, chunk by chunk (the curvature refreshed
     first when the pass starts); returns the state, the pass's running sums and how many
     updates of it are done (fewer than all when a stop request came)."""
@@ -243,7 +244,7 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int, first: int, totals: d
             chunk = batches[c : c + run.chunk_len]
             state, m = compiled_train_chunk(state, run.images, run.labels, chunk, keys, objective=config.objective,
                                             mesh=run.mesh, augment=config.distortion)
-            m = _wait(m)
+            m = wait(m)
             done = c + chunk.shape[0]
             if not bool(m["finite"]):
                 last = max(run.mngr.all_steps(), default=None)
@@ -260,7 +261,7 @@ def _train_epoch(run: _Run, state: TrainState, epoch: int, first: int, totals: d
     return state, totals, done
 
 
-def _evaluate_epoch(run: _Run, state: TrainState, epoch: int, totals: dict[str, float]) -> dict[str, Any]:
+def evaluate_epoch(run: Run, state: TrainState, epoch: int, totals: dict[str, float]) -> dict[str, Any]:
     """The history row of a completed pass: its running training loss and error, its
     seconds, and the test (and validation) loss and error after it."""
     seen = run.steps * run.config.batch_size
@@ -275,14 +276,14 @@ def _evaluate_epoch(run: _Run, state: TrainState, epoch: int, totals: dict[str, 
     return row
 
 
-def _save(run: _Run, state: TrainState, history: list[dict[str, Any]], position: Position, extra: dict[str, Any]) -> None:
+def save_position(run: Run, state: TrainState, history: list[dict[str, Any]], position: Position, extra: dict[str, Any]) -> None:
     record = {"epoch": position.epoch, "update": position.update, "steps_per_epoch": run.steps,
               "config": run.config.to_dict(), "history": history, **extra}
     ckpt.save(run.mngr, position.step, state, record)
     ckpt.prune(run.mngr, run.config.keep)
 
 
-def _write_metrics(workdir: Path, history: list[dict[str, Any]], say: Callable[[str], None]) -> None:
+def write_metrics(workdir: Path, history: list[dict[str, Any]], say: Callable[[str], None]) -> None:
     """The metrics log rewritten from the checkpointed history: each pass once, whatever
     earlier runs of the folder appended."""
     try:
@@ -291,7 +292,7 @@ def _write_metrics(workdir: Path, history: list[dict[str, Any]], say: Callable[[
         say(f"warning: cannot write {workdir / METRICS} ({e.strerror or type(e).__name__}); the checkpoints hold the history")
 
 
-def _append_metrics(workdir: Path, row: dict[str, Any], say: Callable[[str], None]) -> None:
+def append_metrics(workdir: Path, row: dict[str, Any], say: Callable[[str], None]) -> None:
     try:
         with open(workdir / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")

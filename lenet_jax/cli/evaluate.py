@@ -184,18 +184,11 @@ def write_figures(loaded: LoadedModel, dataset: Dataset, result: dict[str, Any],
     return written
 
 
-@command
-def run_evaluation(
-    path: Path | None, which: str = "best", as_json: bool = False, data_overrides: dict[str, Any] | None = None, figures: Path | None = None
-) -> int:
-    """Evaluate a saved checkpoint (the pretrained model without ``path``) on its
-    dataset's test split; with ``figures``, write the PNG figures there too."""
-    from lenet_jax.fileio import check_writable_folder
+def evaluation_report(loaded: LoadedModel, data_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], Dataset, dict[str, Any]]:
+    """The test-set report of a loaded model (on its dataset, the data options on top),
+    the dataset and the raw evaluation."""
     from lenet_jax.steps import evaluate
 
-    if figures is not None:
-        check_writable_folder(figures, "--figures")
-    loaded = load_model(path, which)
     config = loaded.config.replace(**{k: v for k, v in (data_overrides or {}).items() if v is not None})
     dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=lambda m: print(m, file=sys.stderr))
     r = evaluate(loaded.params, loaded.apply_fn, dataset.test_images, dataset.test_labels, config.objective, config.eval_batch_size)
@@ -212,6 +205,36 @@ def run_evaluation(
         "per_class_error": [float(e) for e in per_class],
         "confusion": confusion.tolist(),
     }
+    return report, dataset, r
+
+
+@command
+def run_evaluation(
+    path: Path | None, which: str = "best", as_json: bool = False, data_overrides: dict[str, Any] | None = None, figures: Path | None = None
+) -> int:
+    """Evaluate a saved checkpoint (the pretrained model without ``path``) on its
+    dataset's test split; with ``figures``, write the PNG figures there too. A run of
+    several seeds (``train.py --seeds``) is evaluated seed by seed, with the mean."""
+    from lenet_jax.fileio import check_writable_folder
+    from lenet_jax.replicas import seed_folders, seeds_table
+
+    folders = seed_folders(path) if path is not None and not (path / "checkpoints").is_dir() else {}
+    if folders:
+        if figures is not None:
+            raise ValueError(f"--figures draws one model: give --workdir {path}/seed-S")
+        reports = {s: evaluation_report(load_model(folder, which), data_overrides)[0] for s, folder in folders.items()}
+        errors = {s: r["test_error"] for s, r in reports.items()}
+        if as_json:
+            values = list(errors.values())
+            print(json.dumps({"seeds": reports, "mean_test_error": float(np.mean(values)),
+                              "std_test_error": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}))
+        else:
+            print(seeds_table(errors))
+        return 0
+    if figures is not None:
+        check_writable_folder(figures, "--figures")
+    loaded = load_model(path, which)
+    report, dataset, r = evaluation_report(loaded, data_overrides)
     if figures is not None:
         report["figures"] = [str(p) for p in write_figures(loaded, dataset, r, figures)]
     print(json.dumps(report) if as_json else format_report(report))

@@ -14,8 +14,20 @@ from lenet_jax.cli import ArgumentParser, parse
 from lenet_jax.config import PRESETS, Config, field_type, preset
 from lenet_jax.errors import command
 from lenet_jax.fileio import check_writable_folder, new_run_folder
+from lenet_jax.replicas import seed_folders
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def seed_list(text: str) -> list[int]:
+    """--seeds: comma-separated whole numbers."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid --seeds {text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"invalid --seeds {text!r}: give distinct whole numbers, e.g. 0,1,2")
+    return seeds
 
 
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
@@ -40,6 +52,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
         else:
             parser.add_argument(flag, type=kind, default=default, help=help)
+    parser.add_argument("--seeds", type=seed_list, metavar="S,S,...",
+                        help="train one model per seed (instead of --seed), all in one compiled program, each into WORKDIR/seed-S; "
+                        "ends with the test error of each and their mean and spread")
     parser.add_argument("--workdir", type=Path, help="where checkpoints, metrics.jsonl and config.json go (default: a new runs/<date-time>)")
     parser.add_argument(
         "--resume", action="store_true",
@@ -82,7 +97,8 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any], preset_g
             raise ValueError("--preset starts a new run; --resume continues a run with its saved options (give only the ones to change)")
         if not args.workdir.is_dir():
             raise ValueError(f"--workdir {args.workdir}: no such folder; --resume continues an existing run (check the path)")
-        base = saved_config(args.workdir) or preset(args.preset)
+        folders = seed_folders(args.workdir)
+        base = saved_config(next(iter(folders.values())) if folders else args.workdir) or preset(args.preset)
     else:
         base = preset(args.preset)
     return base.replace(**overrides).validate()
@@ -92,22 +108,30 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any], preset_g
 def run(args: argparse.Namespace, overrides: dict[str, Any], preset_given: bool) -> int:
     """Resolve the config, then train."""
     config = resolve_config(args, overrides, preset_given)
+    seeds = args.seeds
+    if args.resume and not seeds and seed_folders(args.workdir):
+        seeds = list(seed_folders(args.workdir))
+    if seeds and "seed" in overrides:
+        raise ValueError("give either --seed or --seeds")
     created = args.workdir is None or not args.workdir.exists()
     workdir = args.workdir or new_run_folder(Path("runs"), time.strftime("%Y%m%d-%H%M%S"))
     try:
-        return train(config, workdir, resume=args.resume, progress=not args.no_progress, distributed=args.distributed)
+        return train(config, workdir, resume=args.resume, progress=not args.no_progress, distributed=args.distributed, seeds=seeds)
     except BaseException:
         if created:
             _remove_if_unused(workdir)
         raise
 
 
-def train(config: Config, workdir: Path, resume: bool = False, progress: bool = True, distributed: bool = False) -> int:
-    """Train ``config`` into ``workdir`` and say where everything went. SIGTERM/SIGINT stop
-    it cleanly with a checkpoint (exit 0); a second one stops it at once."""
+def train(config: Config, workdir: Path, resume: bool = False, progress: bool = True, distributed: bool = False,
+          seeds: list[int] | None = None) -> int:
+    """Train ``config`` into ``workdir`` (one model per seed of ``seeds``, if given) and
+    say where everything went. SIGTERM/SIGINT stop it cleanly with a checkpoint (exit 0);
+    a second one stops it at once."""
     from lenet_jax.data import load_dataset
     from lenet_jax.parallel import initialize_distributed, is_primary
     from lenet_jax.preemption import StopRequest
+    from lenet_jax.replicas import fit_seeds, seeds_table
     from lenet_jax.training import fit
 
     initialize_distributed(distributed)
@@ -116,6 +140,15 @@ def train(config: Config, workdir: Path, resume: bool = False, progress: bool = 
     say = (lambda m: print(m, flush=True)) if is_primary() else (lambda m: None)
     dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=say)
     say(f"data: {dataset.source}")
+    if seeds:
+        with StopRequest() as stop:
+            results = fit_seeds(config, seeds, dataset, workdir, resume=resume, log=say, progress=progress, stop=stop)
+        if not all(r.finished for r in results):
+            say(f"to continue: python train.py --workdir {workdir} --resume")
+            return 0
+        say(f"done after {results[0].position.epoch} epochs:\n" + seeds_table({s: r.history[-1]["test_error"] for s, r in zip(seeds, results)}))
+        say(f"runs: {workdir}/seed-{{{','.join(map(str, seeds))}}}\nevaluate with: python eval.py --workdir {workdir}")
+        return 0
     with StopRequest() as stop:
         result = fit(config, dataset, workdir, resume=resume, log=say, progress=progress, stop=stop)
     if not result.finished:
@@ -130,14 +163,15 @@ def train(config: Config, workdir: Path, resume: bool = False, progress: bool = 
 
 def _remove_if_unused(workdir: Path) -> None:
     """Remove a run folder this command created when the run failed before saving any
-    checkpoint, so failed runs leave no empty folders behind."""
-    checkpoints = workdir / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        return
-    for name in (".lock", "config.json", "metrics.jsonl"):
-        (workdir / name).unlink(missing_ok=True)
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    try:
-        workdir.rmdir()
-    except OSError:  # something else is in it: not ours to remove
-        pass
+    checkpoint (its seed folders too), so failed runs leave no empty folders behind."""
+    for folder in [*seed_folders(workdir).values(), workdir]:
+        checkpoints = folder / "checkpoints"
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            return
+        for name in (".lock", "config.json", "metrics.jsonl"):
+            (folder / name).unlink(missing_ok=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        try:
+            folder.rmdir()
+        except OSError:  # something else is in it: not ours to remove
+            pass
