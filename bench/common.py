@@ -72,8 +72,10 @@ def report(r: dict[str, Any]) -> str:
     for name, v in r["results"].items():
         if isinstance(v, dict) and "best" in v:
             lines.append(f"  {name}: {number(v['best'])} {v['unit']} (median {number(v['median'])})")
-        elif isinstance(v, dict):
+        elif isinstance(v, dict) and all(isinstance(x, dict) and "best" in x for x in v.values()):
             lines.append(f"  {name}: " + ", ".join(f"{form} {number(x['best'])} {x['unit']}" for form, x in v.items()))
+        elif isinstance(v, dict):
+            lines.append(f"  {name}: " + ", ".join(f"{k} {x:.3g}" if isinstance(x, float) else f"{k} {x}" for k, x in v.items()))
         else:
             lines.append(f"  {name}: {v}")
     if r["compile_s"]:

@@ -9,9 +9,11 @@ of time is recorded and the next one runs):
   tests         the fast test tier (``pytest -m "not slow"``)
   training      ``train.py --epochs 2``: the default (paper) configuration, two passes
   throughput    ``bench.throughput``: updates/s at batch 1, 256 and 4096, inference, refresh, compiles
+  batch1        ``bench.batch1``: us per batch-1 update of the XLA path and of the fused Pallas
+                kernel, and whether the two agree after 1,000 updates
   compare       ``bench.compare``: the same against PyTorch's eager, CUDA-graph and compiled forms
   --tables      throughput per convolution path and per precision (what ``--conv-impl auto`` and
-                the precision table in docs/accelerators.md come from)
+                the precision table in docs/accelerators.md come from), and 8 seeds at once
   --full        the 20-pass default training at each precision (time and test error)
 
 Everything goes to DIR (default ``device_check/``): a log per stage, the JSON results,
@@ -98,6 +100,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     s["throughput"] = stage("throughput", py + ["-m", "bench.throughput", "--json", *sizes], out, 120 if quick else 150, env)
     s["throughput"]["result"] = last_json(s["throughput"]["stdout"])
 
+    batch1_sizes = ["--samples", "300", "--check", "100", "--repeats", "1"] if quick else ["--samples", "10000", "--check", "1000"]
+    s["batch1"] = stage("batch1", py + ["-m", "bench.batch1", "--json", *batch1_sizes], out, 120 if quick else 240, env)
+    s["batch1"]["result"] = last_json(s["batch1"]["stdout"])
+
     if importlib_available("torch"):
         compare_sizes = ["--samples", "500", "--repeats", "1"] if quick else ["--samples", "5000", "--repeats", "2"]
         s["compare"] = stage("compare", py + ["-m", "bench.compare", "--json", *compare_sizes], out, 180 if quick else 240, env)
@@ -106,6 +112,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         s["compare"] = {"status": "skipped: PyTorch is not installed"}
 
     if args.tables:
+        name = "throughput_replicas_8"
+        s[name] = stage(name, py + ["-m", "bench.throughput", "--json", "--replicas", "8", *sizes], out, 240, env)
+        s[name]["result"] = last_json(s[name]["stdout"])
         for impl in ("xla", "patches", "custom_vjp"):
             name = f"throughput_conv_{impl}"
             s[name] = stage(name, py + ["-m", "bench.throughput", "--json", "--conv-impl", impl, *sizes], out, 150, env)

@@ -115,10 +115,11 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
 
     if full_pass:
         batches = epoch_batches(0, 2, n, 1)
+        whole, compile_s["paper_pass"] = _compile(compiled_train_chunk, state, images, labels, batches, keys, objective=sdlm.objective)
         t0 = time.perf_counter()
         state = wait(refresh_curvature(state, images, labels, sdlm, 2))
         t1 = time.perf_counter()
-        state, _ = wait(compiled_train_chunk(state, images, labels, batches, keys, objective=sdlm.objective))
+        state, _ = wait(whole(state, images, labels, batches, keys))
         t2 = time.perf_counter()
         results["paper_pass"] = {"best": t2 - t0, "median": t2 - t0, "unit": "s", "refresh_s": t1 - t0, "updates_per_s": n / (t2 - t1)}
 

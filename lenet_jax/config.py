@@ -92,6 +92,9 @@ class Config:
                              "evenly over them; batch size 1 (the paper's mode) runs on one device", minimum=0)
     conv_impl: str = option("auto", "how C1/C3/C5 are computed: auto (custom_vjp to train on CPU, xla elsewhere), xla, patches or custom_vjp",
                             choices=("auto",) + CONV_IMPLS)
+    step_impl: str = option("auto", "how a chunk of updates runs: xla (a compiled scan of the update) or fused (the paper's "
+                                     "configuration at batch 1 as one Pallas kernel per chunk; experimental: not yet measured on a GPU); "
+                                     "auto: xla on every backend until the fused kernel is measured", choices=("auto", "xla", "fused"))
     precision: str = option("float32", "matrix products and convolutions: float32 (exact, on every backend), tf32 or bfloat16 "
                                        "(faster on GPUs and TPUs)", choices=PRECISIONS)
     chunks: int = option(10, "compiled pieces per epoch (progress-bar and stop-request granularity)", minimum=1)
@@ -151,7 +154,8 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-RESUMABLE = ("epochs", "lr", "data_source", "data_dir", "cache_dir", "devices", "conv_impl", "precision", "chunks", "eval_batch_size", "keep")
+RESUMABLE = ("epochs", "lr", "data_source", "data_dir", "cache_dir", "devices", "conv_impl", "step_impl", "precision", "chunks",
+             "eval_batch_size", "keep")
 """The fields a resumed run may change: the number of epochs, the global step (to go on
 at a smaller one) and how the run is executed. Every other field shapes the model, the
 data or the optimiser, so a checkpoint written under one value cannot be continued under

@@ -56,6 +56,18 @@ def conv_impl_for(config: Config, inference: bool = False, forward_mode: bool = 
     return impl
 
 
+def step_impl_for(config: Config) -> str:
+    """How a chunk of updates runs: "xla" or "fused" (``lenet_jax.fused``). "auto" is
+    "xla" on every backend: the fused kernel has been checked on the CPU (in Pallas'
+    interpret mode, and lowered for CUDA) but not yet measured on a GPU."""
+    impl = "xla" if config.step_impl == "auto" else config.step_impl
+    if impl == "fused":
+        from lenet_jax.fused import check_supported
+
+        check_supported(config)
+    return impl
+
+
 def make_model(config: Config, inference: bool = False, forward_mode: bool = False) -> LeNet5:
     """The LeNet5 module ``config`` describes (see ``conv_impl_for`` for the two flags).
     Every convolution implementation computes the same function of the same parameters."""

@@ -30,7 +30,7 @@ from lenet_jax.config import Config
 from lenet_jax.data import Dataset
 from lenet_jax.distort import Distortion
 from lenet_jax.errors import CheckpointError
-from lenet_jax.factories import create_state, make_model
+from lenet_jax.factories import create_state, make_model, step_impl_for
 from lenet_jax.fileio import atomic_write_text, exclusive
 from lenet_jax.inputs import pad_images, preprocess
 from lenet_jax.losses import Objective
@@ -110,6 +110,8 @@ def fit_seeds(
     configs = [config.replace(seed=s).validate() for s in seeds]
     if config.validation_size:
         raise ValueError("--seeds trains on the whole training set: --validation-size would hold out different images per seed")
+    if step_impl_for(config) != "xla":
+        raise ValueError("--seeds runs the xla step (the fused kernel trains one model at a time)")
     if config.devices > 1 or jax.process_count() > 1:
         raise ValueError("--seeds runs on one device (the seeds share it); drop --devices or run the seeds separately")
     workdir = Path(workdir)
@@ -136,7 +138,7 @@ def fit_seeds(
         shared = dict(images=jax.device_put(pad_images(images)), labels=jax.device_put(labels), validation=None,
                       test=(jax.device_put(dataset.test_images), jax.device_put(dataset.test_labels)), test_labels=dataset.test_labels,
                       mesh=mesh, steps=steps, chunk_len=math.ceil(steps / min(config.chunks, steps)), say=say,
-                      progress=progress and is_primary(), stop=stop, infer_fn=make_model(configs[0], inference=True).apply)
+                      progress=progress and is_primary(), stop=stop, infer_fn=make_model(configs[0], inference=True).apply, chunk=None)
         runs = [Run(config=c, workdir=f, mngr=m, **shared) for c, f, m in zip(configs, folders, managers)]
         for run, (_, history, _, _) in zip(runs, starts):
             atomic_write_text(run.workdir / CONFIG, json.dumps(run.config.to_dict(), indent=2) + "\n")

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from lenet_jax import hessian
 from lenet_jax.config import Config
 from lenet_jax.distort import Distortion, distort_batch
-from lenet_jax.factories import make_model
+from lenet_jax.factories import make_model, make_schedule, step_impl_for
 from lenet_jax.inputs import preprocess
 from lenet_jax.losses import Objective
 from lenet_jax.model import LeNet5
@@ -116,6 +116,21 @@ def train_chunk(
 
 compiled_train_chunk = jax.jit(train_chunk, static_argnames=CHUNK_STATIC, donate_argnames=("state",))
 """``train_chunk`` compiled; the state's buffers are donated (updated in place)."""
+
+Chunk = Callable[[TrainState, jax.Array, jax.Array, jax.Array, jax.Array], tuple[TrainState, Metrics]]
+"""(state, images, labels, batches, key) -> (state, metrics): a chunk of updates."""
+
+
+def chunk_function(config: Config, steps_per_epoch: int, mesh: Mesh | None = None) -> Chunk:
+    """The compiled chunk of updates a run of ``config`` uses: the XLA scan of
+    ``train_step``, or the fused Pallas kernel (``factories.step_impl_for``); the fused
+    kernel runs in Pallas' interpret mode on the CPU."""
+    if step_impl_for(config) == "fused":
+        from lenet_jax.fused import fused_train_chunk
+
+        return functools.partial(fused_train_chunk, schedule=make_schedule(config, steps_per_epoch), mu=config.mu, j=config.map_j,
+                                 interpret=jax.default_backend() == "cpu")
+    return functools.partial(compiled_train_chunk, objective=config.objective, mesh=mesh, augment=config.distortion)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "objective", "batch_size"))

@@ -29,13 +29,13 @@ from lenet_jax.checkpoint import Position
 from lenet_jax.config import Config, load_config_file
 from lenet_jax.data import Dataset, split_validation
 from lenet_jax.errors import CheckpointError
-from lenet_jax.factories import conv_impl_for, create_state, make_model
+from lenet_jax.factories import conv_impl_for, create_state, make_model, step_impl_for
 from lenet_jax.fileio import atomic_write_text, exclusive
 from lenet_jax.inputs import pad_images
 from lenet_jax.model import count_parameters
 from lenet_jax.parallel import choose_devices, data_mesh, is_primary, put_replicated
 from lenet_jax.sdlm import uses_curvature
-from lenet_jax.steps import compiled_train_chunk, epoch_batches, evaluate, refresh_curvature, step_keys
+from lenet_jax.steps import Chunk, chunk_function, epoch_batches, evaluate, refresh_curvature, step_keys
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -92,6 +92,7 @@ class Run:
     progress: bool
     stop: Callable[[], bool]
     infer_fn: Callable = field(repr=False)
+    chunk: Chunk = field(repr=False)
 
 
 def zero_totals() -> dict[str, float]:
@@ -138,6 +139,7 @@ def fit(
                 test=(jax.device_put(dataset.test_images), jax.device_put(dataset.test_labels)), test_labels=dataset.test_labels,
                 mesh=mesh, steps=steps, chunk_len=math.ceil(steps / min(config.chunks, steps)), mngr=mngr, say=say,
                 progress=progress and primary, stop=stop, infer_fn=make_model(config, inference=True).apply,
+                chunk=chunk_function(config, steps, mesh),
             )
             return _train(run, put_replicated(state, mesh), history, start, totals)
         finally:
@@ -214,7 +216,7 @@ def describe_run(config: Config, state: TrainState, images: int, mesh: Mesh) -> 
         f"training LeNet-5 ({config.head} head, {config.loss} loss, {parameters:,} parameters) "
         f"with {config.optimizer} on {images:,} {config.dataset} images, batch {config.batch_size}, {config.epochs} epochs, "
         f"on {mesh.size} {jax.devices()[0].platform} device(s){processes}; "
-        f"precision {config.precision}, convolutions {conv_impl_for(config)}"
+        f"precision {config.precision}, convolutions {conv_impl_for(config)}, steps {step_impl_for(config)}"
     )
 
 
@@ -242,8 +244,7 @@ def _train_epoch(run: Run, state: TrainState, epoch: int, first: int, totals: di
     try:
         for c in range(first, run.steps, run.chunk_len):
             chunk = batches[c : c + run.chunk_len]
-            state, m = compiled_train_chunk(state, run.images, run.labels, chunk, keys, objective=config.objective,
-                                            mesh=run.mesh, augment=config.distortion)
+            state, m = run.chunk(state, run.images, run.labels, chunk, keys)
             m = wait(m)
             done = c + chunk.shape[0]
             if not bool(m["finite"]):

@@ -17,7 +17,8 @@ def test_the_device_check_runs_every_stage_and_writes_its_summary(mnist, tmp_pat
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     stages = summary["stages"]
-    assert {"environment", "tests", "training", "throughput", "compare"} <= set(stages)
+    assert {"environment", "tests", "training", "throughput", "batch1", "compare"} <= set(stages)
+    assert stages["batch1"]["result"]["results"]["agreement_after_100_updates"]["max_relative_difference"] < 1e-4
     assert stages["tests"]["passed"] > 10 and stages["tests"]["failed"] == 0
     assert stages["training"]["epochs"][0]["epoch"] == 1
     assert stages["throughput"]["result"]["results"]["train_b1"]["best"] > 0
