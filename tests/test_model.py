@@ -60,6 +60,7 @@ def test_rbf_centres_are_constants_outside_the_parameter_tree(rbf_model):
     assert not any(leaf.shape == RBF_CENTRES.shape for leaf in leaves)
 
 
+@pytest.mark.slow
 def test_softmax_head_adds_a_trainable_output_layer():
     model = LeNet5(head="softmax")
     params = init_params(model, jax.random.key(0))
@@ -163,7 +164,7 @@ def test_every_convolution_path_equals_lax_conv_with_gradients(impl, shape):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
-@pytest.mark.parametrize("shape,k", [((2, 32, 32, 1), 5), ((3, 14, 14, 6), 5), pytest.param((2, 3, 9, 7, 4), 3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shape,k", [((2, 32, 32, 1), 5), *(pytest.param(s, k, marks=pytest.mark.slow) for s, k in (((3, 14, 14, 6), 5), ((2, 3, 9, 7, 4), 3)))])
 def test_window_extraction_by_gather_and_its_overlap_add_adjoint(shape, k):
     x = jax.random.normal(jax.random.key(0), shape)
     cols = patches(x, k, gather=True)
@@ -179,7 +180,7 @@ def test_an_unknown_convolution_path_is_refused():
         valid_conv(jnp.zeros((1, 6, 6, 1)), jnp.zeros((5, 5, 1, 2)), "fft")
 
 
-@pytest.mark.parametrize("impl", ["patches", "custom_vjp"])
+@pytest.mark.parametrize("impl", [pytest.param("patches", marks=pytest.mark.slow), "custom_vjp"])
 def test_every_convolution_path_gives_the_same_network_and_gradients(impl, digits):
     x, y = digits
     a, b = LeNet5(conv_impl=impl), LeNet5(conv_impl="xla")

@@ -22,6 +22,7 @@ from lenet_jax.training import fit
 from conftest import QUIET, small
 
 
+@pytest.mark.slow
 def test_the_replicated_chunk_computes_each_models_own_updates(mnist):
     """60 batch-1 SDLM updates with dropout, each model with its own weights, data order
     and randomness: the same parameters as each model's own chunk, to float32 rounding

@@ -70,8 +70,9 @@ def test_parameter_counts_of_the_variants(changes, parameters, connections):
 
 
 VARIANTS = [
-    dict(activation="relu"), dict(subsampling="max"), dict(head="softmax", loss="xent"),
-    *(pytest.param(c, marks=pytest.mark.slow) for c in (dict(activation="selu"), dict(subsampling="average"), dict(c3="dense"),
+    dict(activation="relu"),
+    *(pytest.param(c, marks=pytest.mark.slow) for c in (dict(subsampling="max"), dict(head="softmax", loss="xent"), dict(activation="selu"),
+                                                       dict(subsampling="average"), dict(c3="dense"),
                                                        dict(conv="separable"), dict(dropout=0.3))),
 ]
 
@@ -99,6 +100,7 @@ def test_every_variant_has_finite_gradients_and_a_nonnegative_curvature_estimate
     assert min(float(jnp.min(v)) for v in jax.tree.leaves(h)) >= 0
 
 
+@pytest.mark.slow
 def test_dropout_is_random_in_training_and_off_in_evaluation(digits):
     model = LeNet5(dropout=0.5)
     params = init_params(model, jax.random.key(0))
@@ -157,7 +159,7 @@ def test_auto_convolutions_resolve_by_use():
     assert make_model(Config(conv_impl="xla"), forward_mode=True).conv_impl == "xla"
 
 
-@pytest.mark.parametrize("estimator", ["paper", "gauss_newton"])
+@pytest.mark.parametrize("estimator", ["paper", pytest.param("gauss_newton", marks=pytest.mark.slow)])
 def test_curvature_estimates_agree_on_every_convolution_path(estimator, digits):
     x, y = digits[0][:2], digits[1][:2]
     params = init_params(LeNet5(), jax.random.key(4))
