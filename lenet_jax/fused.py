@@ -42,6 +42,7 @@ import optax
 from flax.training.train_state import TrainState
 from jax.experimental import pallas as pl
 
+from lenet_jax.bitmaps import RBF_CENTRES
 from lenet_jax.config import Config
 from lenet_jax.inputs import BACKGROUND, INK
 from lenet_jax.layers import AMPLITUDE, C3_TABLE, SLOPE, connection_mask
@@ -305,8 +306,6 @@ def fused_train_chunk(
     count = optax.tree_utils.tree_get(state.opt_state, "count")
     lrs = jax.vmap(schedule)(count + jnp.arange(steps)).astype(jnp.float32)
     tables = [TABLES[k] for k in ("c1", "c1_mask", "c3", "c3_mask", "back", "back_mask", "w3_mask", "s2_rows", "s4_rows")]
-    from lenet_jax.bitmaps import RBF_CENTRES
-
     centres = np.zeros((16, 128), np.float32)
     centres[:10, :84] = RBF_CENTRES
     params = pack(state.params)

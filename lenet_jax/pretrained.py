@@ -26,7 +26,6 @@ from lenet_jax.factories import make_model
 from lenet_jax.fileio import atomic_write, atomic_write_text
 from lenet_jax.layers import connection_mask
 from lenet_jax.model import init_params
-from lenet_jax.training import restore_run
 
 PRETRAINED = Path(__file__).parent / "pretrained" / "lenet5_mnist"
 """The shipped model: ``PRETRAINED.with_suffix('.npz')`` and ``.json``."""
@@ -95,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
 @command
 def _export_run(run: Path, step: str, to: Path) -> int:
+    from lenet_jax.training import restore_run  # only the exporter reads checkpoints; loading the model does not
+
     state, config, record = restore_run(run, step)
     base = export(jax.device_get(state.params), config, record, to)
     print(f"exported epoch {record['epoch']} of {run} to {base}.npz / .json")

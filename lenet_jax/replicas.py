@@ -136,7 +136,7 @@ def fit_seeds(
             where = ", ".join(f"seed {c.seed}: {s[2].describe()}" for c, s in zip(configs, starts))
             raise CheckpointError(f"{workdir}: the seeds stand at different positions ({where}); resume them one by one")
         shared = dict(images=jax.device_put(pad_images(images)), labels=jax.device_put(labels), validation=None,
-                      test=(jax.device_put(dataset.test_images), jax.device_put(dataset.test_labels)), test_labels=dataset.test_labels,
+                      test=(jax.device_put(dataset.test_images), jax.device_put(dataset.test_labels)),
                       mesh=mesh, steps=steps, chunk_len=math.ceil(steps / min(config.chunks, steps)), say=say,
                       progress=progress and is_primary(), stop=stop, infer_fn=make_model(configs[0], inference=True).apply, chunk=None)
         runs = [Run(config=c, workdir=f, mngr=m, **shared) for c, f, m in zip(configs, folders, managers)]

@@ -1,9 +1,9 @@
 """The training loop: ``fit`` a Config on a Dataset into a run folder, resume it from
 wherever it stopped, and ``restore_run`` a saved pass.
 
-The loop is thin: it chooses chunks of the epoch's index batches, calls the compiled
-``steps.compiled_train_chunk`` on each, refreshes SDLM's curvature before each pass,
-evaluates after it, and saves. Where a run stands is its optimiser step
+The loop is thin: it chooses chunks of the epoch's index batches, runs the compiled chunk
+of updates (``steps.chunk_function``: the XLA scan or the fused kernel) on each,
+refreshes SDLM's curvature before each pass, evaluates after it, and saves. Where a run stands is its optimiser step
 (``checkpoint.Position``); everything random is derived from the seed and that position,
 so a run stopped anywhere resumes bit for bit.
 """
@@ -83,7 +83,6 @@ class Run:
     labels: jax.Array
     validation: tuple[jax.Array, jax.Array] | None
     test: tuple[jax.Array, jax.Array]
-    test_labels: np.ndarray
     mesh: Mesh
     steps: int
     chunk_len: int
@@ -136,7 +135,7 @@ def fit(
                 config=config, workdir=workdir,
                 images=put_replicated(pad_images(images), mesh), labels=put_replicated(labels, mesh),
                 validation=None if validation is None else (jax.device_put(validation[0]), jax.device_put(validation[1])),
-                test=(jax.device_put(dataset.test_images), jax.device_put(dataset.test_labels)), test_labels=dataset.test_labels,
+                test=(jax.device_put(dataset.test_images), jax.device_put(dataset.test_labels)),
                 mesh=mesh, steps=steps, chunk_len=math.ceil(steps / min(config.chunks, steps)), mngr=mngr, say=say,
                 progress=progress and primary, stop=stop, infer_fn=make_model(config, inference=True).apply,
                 chunk=chunk_function(config, steps, mesh),
@@ -172,8 +171,10 @@ def start_or_resume(
     for broken in [s for s in mngr.all_steps() if s > step]:
         mngr.delete(broken)
     position = Position.of_step(int(state.step), steps)
-    if position.complete and position.epoch > config.epochs:
-        raise ValueError(f"--epochs {config.epochs}: the run in {workdir} has already completed {position.epoch} epochs")
+    if position.epoch > config.epochs:
+        done = position.epoch if position.complete else position.epoch - 1
+        raise ValueError(f"--epochs {config.epochs}: the run in {workdir} has already completed {done} epochs"
+                         + ("" if position.complete else f" and is inside epoch {position.epoch}"))
     totals = zero_totals() if position.complete else {k: record["totals"][k] for k in zero_totals()}
     say(f"resuming {workdir} at {position.describe()}")
     return state, list(record.get("history", [])), position, totals

@@ -340,6 +340,21 @@ def test_resume_refuses_fewer_epochs_and_survives_a_garbage_config_json(mnist, t
     assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 3
 
 
+@pytest.mark.slow
+def test_a_checkpoint_record_without_its_config_is_one_line_on_resume(mnist, tmp_path, capsys):
+    write_idx_folder(tmp_path / "idx", n_train=40, n_test=10)
+    work = tmp_path / "run"
+    assert train_main(["--data-dir", str(tmp_path / "idx"), "--cache-dir", str(tmp_path / "cache"), "--optimizer", "sgd",
+                       "--batch-size", "8", "--epochs", "1", "--workdir", str(work), "--no-progress"]) == 0
+    record = work / "checkpoints" / "5" / "record" / "metadata"
+    data_ = json.loads(record.read_text())
+    del data_["config"]
+    record.write_text(json.dumps(data_))
+    capsys.readouterr()
+    message = one_line(capsys, train_main(["--workdir", str(work), "--resume", "--epochs", "2"]))
+    assert "a checkpoint record without its config" in message
+
+
 # --------------------------------------------------------------------------- 9. noise and leftovers
 
 
