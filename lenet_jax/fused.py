@@ -245,18 +245,26 @@ def _kernel(*refs: Any, steps: int, mu: float, j: float, barrier: Callable[[], N
         jax.lax.fori_loop(0, 8, c5_back, 0)
         barrier()
 
-        # S4 and C3; C3's window gradients go to a scratch buffer.
+        def pooled(d_pool: jax.Array, coefficient: jax.Array, y_sum: jax.Array, conv: Callable[[int], tuple[jax.Array, jax.Array]],
+                   each: Callable[[int, jax.Array], None] = lambda g, d_a: None) -> list[jax.Array]:
+            """The gradients of a subsampling layer (coefficient, bias) and of the
+            convolution before it (kernel, bias), from the gradient of the subsampling's
+            pre-activation: each of the four sub-grids of the convolution in turn."""
+            d_kernel, d_bias = 0.0, 0.0
+            for g in range(4):
+                x, y = conv(g)
+                d_a = d_pool * coefficient[None, :] * _slope(y)
+                d_kernel = d_kernel + _dot(x.T, d_a)
+                d_bias = d_bias + jnp.sum(d_a, axis=0)
+                each(g, d_a)
+            return [jnp.sum(d_pool * y_sum, axis=0), jnp.sum(d_pool, axis=0), d_kernel, d_bias]
+
+        def c3_window_gradients(g: int, d_a: jax.Array) -> None:  # to a scratch buffer, for S2's gradient
+            dx3_ref[pl.ds(g * 32 * 256, 32 * 256)] = _dot(d_a, w3.T).reshape(32 * 256)
+
+        # S4 and C3.
         d_s4 = ds4_ref[...].reshape(32, 16) * _slope(y4) * s4r_ref[...]
-        d_c4 = jnp.sum(d_s4 * y3_sum, axis=0)
-        d_b4 = jnp.sum(d_s4, axis=0)
-        d_w3 = jnp.zeros((256, 16), jnp.float32)
-        d_b3 = jnp.zeros((16,), jnp.float32)
-        for g in range(4):
-            x3, y3 = c3(g)
-            d_a3 = d_s4 * c4[None, :] * _slope(y3)
-            d_w3 = d_w3 + _dot(x3.T, d_a3)
-            d_b3 = d_b3 + jnp.sum(d_a3, axis=0)
-            dx3_ref[pl.ds(g * 32 * 256, 32 * 256)] = _dot(d_a3, w3.T).reshape(32 * 256)
+        d_c4, d_b4, d_w3, d_b3 = pooled(d_s4, c4, y3_sum, c3, c3_window_gradients)
         barrier()
 
         # S2's gradient: for each tap, the window gradients of the C3 positions that read it.
@@ -265,15 +273,7 @@ def _kernel(*refs: Any, steps: int, mu: float, j: float, barrier: Callable[[], N
 
         d_y2 = jax.lax.fori_loop(0, 25, back_tap, jnp.zeros((256, 16), jnp.float32))
         d_s2 = d_y2 * _slope(y2) * s2r_ref[...]
-        d_c2 = jnp.sum(d_s2 * y1_sum, axis=0)
-        d_b2 = jnp.sum(d_s2, axis=0)
-        d_w1 = jnp.zeros((32, 16), jnp.float32)
-        d_b1 = jnp.zeros((16,), jnp.float32)
-        for g in range(4):
-            x1, y1 = c1(g)
-            d_a1 = d_s2 * c2[None, :] * _slope(y1)
-            d_w1 = d_w1 + _dot(x1.T, d_a1)
-            d_b1 = d_b1 + jnp.sum(d_a1, axis=0)
+        d_c2, d_b2, d_w1, d_b1 = pooled(d_s2, c2, y1_sum, c1)
 
         # The SDLM step of every other parameter: p + (g / (mu + h)) * -lr, as optax computes it.
         grads = [d_w1, d_b1, d_c2, d_b2, d_w3 * w3m_ref[...], d_b3, d_c4, d_b4, None, d_a5, y5[:, None] * d_a6[None, :], d_a6]

@@ -106,12 +106,12 @@ def run_script(*args: str, cwd: Path = ROOT, timeout: float = 600, **env: str) -
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
-def one_error_line(out: subprocess.CompletedProcess) -> str:
-    """The single ``error:`` line a failed command must print, checked."""
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr[-2000:]
-    return lines[0]
+def one_line(capsys: pytest.CaptureFixture, code: int) -> str:
+    """The single ``error:`` line a command run in this process printed, checked along
+    with its exit code 2."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), (code, err)
+    return err[0]
 
 
 # --------------------------------------------------------------------------- compiled estimators

@@ -13,13 +13,7 @@ from lenet_jax.cli.train import main as train_main
 from lenet_jax.cli.train import parse_command_line, resolve_config
 from lenet_jax.config import MODERN, Config
 
-from conftest import run_script
-
-
-def one_line(capsys: pytest.CaptureFixture, code: int) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), (code, err)
-    return err[0]
+from conftest import one_line, run_script
 
 
 @pytest.mark.parametrize(

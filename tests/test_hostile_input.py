@@ -29,14 +29,7 @@ from lenet_jax.idx import read_idx
 from lenet_jax.predict import ImageError, predict_images, predict_stream, read_picture
 from lenet_jax.training import fit
 
-from conftest import QUIET, idx_bytes, small, write_idx_folder
-
-
-def one_line(capsys: pytest.CaptureFixture, code: int) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:"), (code, err)
-    return err[0]
-
+from conftest import QUIET, idx_bytes, one_line, small, write_idx_folder
 
 # --------------------------------------------------------------------------- 1. the cache
 
