@@ -1,7 +1,7 @@
 """What each 1998 choice costs or buys: swap one paper component at a time for its modern
 counterpart, train, and print test error and seconds per row.
 
-    python -m bench.ablation                  # every row, 10 passes each
+    python -m bench.ablation                  # every row, 10 epochs each
     python -m bench.ablation --epochs 20 --rows paper modern --json runs/ablation.json
     python -m bench.ablation --seeds 0,1,2    # each row three seeds, trained together; mean and spread
 
@@ -22,8 +22,7 @@ from typing import Any
 
 from lenet_jax.config import Config, preset
 from lenet_jax.data import Dataset, load_dataset
-from lenet_jax.replicas import fit_seeds
-from lenet_jax.training import fit
+from lenet_jax.training import fit, fit_seeds
 
 SWAPS: dict[str, tuple[str, dict[str, Any]]] = {
     "relu": ("activation: ReLU", dict(activation="relu")),
@@ -39,7 +38,7 @@ SWAPS: dict[str, tuple[str, dict[str, Any]]] = {
     "weight_decay": ("weight decay 1e-4", dict(weight_decay=1e-4)),
 }
 """One component swapped from the paper preset; each optimiser row keeps the paper's
-per-pass schedule shape at its own starting step (picked by a two-pass probe)."""
+per-epoch schedule shape at its own starting learning rate (picked by a two-epoch probe)."""
 
 
 def rows() -> dict[str, tuple[str, Config]]:
@@ -55,10 +54,10 @@ def changes_from_paper(config: Config) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if paper[k] != v}
 
 
-def run_row(name: str, epochs: int, seeds: list[int], dataset: Dataset) -> dict[str, Any]:
+def run_row(name: str, epochs: int, seeds: list[int], dataset: Dataset, train_subset: int | None = None) -> dict[str, Any]:
     """One row: a run per seed (several seeds in one compiled program), their mean."""
     what, config = rows()[name]
-    config = config.replace(epochs=epochs, seed=seeds[0], keep=1).validate()
+    config = config.replace(epochs=epochs, seed=seeds[0], keep=1, train_subset=train_subset).validate()
     head = {"row": name, "what": what, "changes": changes_from_paper(config), "epochs": epochs, "seeds": seeds}
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.perf_counter()
@@ -78,13 +77,13 @@ def run_row(name: str, epochs: int, seeds: list[int], dataset: Dataset) -> dict[
         "test_errors": finals,
         "best_test_error": statistics.mean(min(r["test_error"] for r in h) for h in histories),
         "train_error": statistics.mean(h[-1]["train_error"] for h in histories),
-        "seconds_per_pass": sum(r["seconds"] for r in histories[0]) / len(histories[0]),
+        "seconds_per_epoch": sum(r["seconds"] for r in histories[0]) / len(histories[0]),
         "total_seconds": total,
     }
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| row | change from the paper | test error | best pass | s/pass | total s |", "|---|---|---|---|---|---|"]
+    lines = ["| row | change from the paper | test error | best epoch | s/epoch | total s |", "|---|---|---|---|---|---|"]
     for r in results:
         if "diverged" in r:
             lines.append(f"| {r['row']} | {r['what']} | diverged | | | |")
@@ -92,7 +91,7 @@ def table(results: list[dict]) -> str:
         spread = f" ± {r['test_error_spread']:.2%}" if r.get("test_error_spread") else ""
         lines.append(
             f"| {r['row']} | {r['what']} | {r['test_error']:.2%}{spread} | {r['best_test_error']:.2%} "
-            f"| {r['seconds_per_pass']:.1f} | {r['total_seconds']:.0f} |"
+            f"| {r['seconds_per_epoch']:.1f} | {r['total_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -100,9 +99,10 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", choices=list(rows()), default=list(rows()), help="which rows to run")
-    parser.add_argument("--epochs", type=int, default=10, help="passes per row")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per row")
     parser.add_argument("--seeds", default="0", help="seeds per row, comma-separated (several train together; the row reports their mean)")
     parser.add_argument("--json", type=Path, help="also write the results here (rewritten after each row)")
+    parser.add_argument("--train-subset", type=int, default=None, help="train on the first N training images only (a quick check)")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_dataset("mnist", log=lambda m: print(m, file=sys.stderr))
     results = []
     for name in args.rows:
-        r = run_row(name, args.epochs, seeds, dataset)
+        r = run_row(name, args.epochs, seeds, dataset, args.train_subset)
         results.append(r)
-        done = r["diverged"] if "diverged" in r else f"test {r['test_error']:.2%}, {r['seconds_per_pass']:.1f} s/pass"
+        done = r["diverged"] if "diverged" in r else f"test {r['test_error']:.2%}, {r['seconds_per_epoch']:.1f} s/epoch"
         print(f"{name}: {done}", file=sys.stderr, flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from bench import common
 from lenet_jax.config import Config
 from lenet_jax.factories import create_state
 from lenet_jax.inputs import pad_images
-from lenet_jax.steps import chunk_function, epoch_batches, refresh_curvature, step_keys
+from lenet_jax.steps import Strategy, epoch_batches, refresh_curvature, update_key
 
 
 def measure(samples: int = 10_000, check: int = 1_000, repeats: int = 3) -> dict[str, Any]:
@@ -32,13 +32,13 @@ def measure(samples: int = 10_000, check: int = 1_000, repeats: int = 3) -> dict
     n = len(ds.train_labels)
     base = Config()
     start = refresh_curvature(create_state(base, n), images, labels, base, 1)
-    keys = step_keys(0)
+    keys = update_key(0)
     results: dict[str, Any] = {}
     compile_s: dict[str, float] = {}
     finals = {}
     for impl in ("xla", "fused"):
         config = base.replace(step_impl=impl)
-        chunk = chunk_function(config, n)
+        chunk = Strategy.build(config, 1, n).chunk
         first = epoch_batches(0, 1, n, 1)[:check]
         t0 = time.perf_counter()
         state, m = jax.block_until_ready(chunk(jax.tree.map(jnp.copy, start), images, labels, first, keys))

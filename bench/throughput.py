@@ -23,17 +23,16 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from bench import common
 from lenet_jax.config import Config
 from lenet_jax.conv import CONV_IMPLS
-from lenet_jax.factories import conv_impl_for, create_state, make_model
+from lenet_jax.factories import conv_impl_for, create_state, create_states, make_model
 from lenet_jax.hessian import ESTIMATORS
 from lenet_jax.inputs import pad_images
 from lenet_jax.precision import PRECISIONS
-from lenet_jax.replicas import replicated_train_chunk, stack
 from lenet_jax.steps import (
+    Strategy,
     compiled_train_chunk,
     curvature_model,
     curvature_sample,
@@ -41,7 +40,8 @@ from lenet_jax.steps import (
     estimate_hessian,
     evaluate_arrays,
     refresh_curvature,
-    step_keys,
+    replicated_train_chunk,
+    update_key,
 )
 
 
@@ -60,7 +60,7 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
     wait = jax.block_until_ready
     results: dict[str, Any] = {}
     compile_s: dict[str, float] = {}
-    keys = step_keys(0)
+    keys = update_key(0)
 
     def train(name: str, config: Config, batches: jax.Array, work: int) -> Any:
         state = create_state(config, n // config.batch_size)
@@ -99,11 +99,11 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
 
     if replicas:
         seeds = list(range(replicas))
-        template = create_state(sdlm, n)
-        many = stack([refresh_curvature(template.replace(params=create_state(sdlm.replace(seed=s), n).params), images, labels,
-                                        sdlm.replace(seed=s), 1) for s in seeds])
-        rb = jnp.stack([epoch_batches(s, 1, n, 1)[:samples] for s in seeds])
-        rk = jnp.stack([step_keys(s) for s in seeds])
+        several = Strategy.build(sdlm, replicas, n)
+        many = several.refresh(several.stack(create_states(sdlm, n, seeds)), images, labels, [sdlm.replace(seed=s) for s in seeds],
+                               [None] * replicas, 1)
+        rb = several.stack([epoch_batches(s, 1, n, 1)[:samples] for s in seeds])
+        rk = several.stack([update_key(s) for s in seeds])
         step, compile_s[f"train_b1_x{replicas}"] = _compile(replicated_train_chunk, many, images, labels, rb, rk, objective=sdlm.objective)
         many, _ = wait(step(many, images, labels, rb, rk))
         seconds = []

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from lenet_jax.conv import CONV_IMPLS
 from lenet_jax.data import DATASETS, SOURCES
 from lenet_jax.distort import Distortion
+from lenet_jax.errors import ConfigError
 from lenet_jax.hessian import ESTIMATORS
 from lenet_jax.layers import ACTIVATIONS, BIAS_INITS
 from lenet_jax.losses import DEFAULT_J, LOSSES, Objective
@@ -30,8 +31,9 @@ OPTIMIZERS = ("sdlm", "sgd", "momentum", "adam")
 SCHEDULES = ("paper", "constant", "cosine")
 
 DEFAULT_LR = {"sdlm": PAPER_ETAS[0] / 2, "sgd": 1e-3, "momentum": 1e-3, "adam": 1e-3}
-"""Starting step per optimiser: for SDLM half the paper's eta (at the paper's 5e-4 batch-1
-SDLM is unstable in its second pass here; docs/reproduction.md), the others this project's."""
+"""Starting learning rate per optimiser: for SDLM half the paper's eta (at the paper's
+5e-4 batch-1 SDLM is unstable in its second epoch here; docs/reproduction.md), the
+others this project's."""
 
 MAX_SEED = 2**32 - 1
 
@@ -75,29 +77,34 @@ class Config:
                                         minimum=0.0, maximum=1.0)
     # optimisation
     optimizer: str = option("sdlm", "sdlm is the paper's stochastic diagonal Levenberg-Marquardt", choices=OPTIMIZERS)
-    lr: float | None = option(None, "starting global step (default per optimizer: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")",
-                              positive=True)
-    schedule: str = option("paper", "step schedule over passes; paper: x1, x0.4 from pass 3, x0.2 from 6, x0.1 from 9, x0.02 from 13", choices=SCHEDULES)
+    lr: float | None = option(None, "starting learning rate, the paper's global step eta (default per optimizer: "
+                              + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", positive=True)
+    schedule: str = option("paper", "learning-rate schedule over epochs; paper: x1, x0.4 from epoch 3, x0.2 from 6, x0.1 from 9, "
+                                    "x0.02 from 13", choices=SCHEDULES)
     momentum: float = option(0.9, "momentum of --optimizer momentum", minimum=0.0, below=1.0)
     weight_decay: float = option(0.0, "L2 weight decay on the weights (not the biases), added to the gradient", minimum=0.0)
     mu: float = option(PAPER_MU, "SDLM's mu in eta / (mu + h)", positive=True)
     hessian_estimator: str = option("paper", "SDLM's Hessian-diagonal estimate", choices=tuple(ESTIMATORS))
-    hessian_samples: int = option(500, "patterns the Hessian estimate averages over before each pass", minimum=1)
+    hessian_samples: int = option(500, "patterns the Hessian estimate averages over before each epoch", minimum=1)
     hutchinson_probes: int = option(8, "random probes per pattern for --hessian-estimator hutchinson", minimum=1)
-    epochs: int = option(20, "passes over the training set", minimum=1)
+    epochs: int = option(20, "epochs (passes over the training set)", minimum=1)
     batch_size: int = option(1, "patterns per update; 1 is the paper's pure stochastic mode", minimum=1)
     seed: int = option(0, "seed of the initial weights, the data order, the Hessian samples and the validation split", minimum=0, maximum=MAX_SEED)
     # running
     devices: int = option(0, "devices for data parallelism: 0 uses every local device; the global --batch-size must divide "
                              "evenly over them; batch size 1 (the paper's mode) runs on one device", minimum=0)
-    conv_impl: str = option("auto", "how C1/C3/C5 are computed: auto (custom_vjp to train on CPU, xla elsewhere), xla, patches or custom_vjp",
+    conv_impl: str = option("auto", "how C1/C3/C5 are computed: auto (custom_vjp to train on CPU, xla elsewhere), xla, patches or "
+                                    "custom_vjp (a hand-written gradient; inference runs it as xla); a run saves what auto resolved to",
                             choices=("auto",) + CONV_IMPLS)
     step_impl: str = option("auto", "how a chunk of updates runs: xla (a compiled scan of the update) or fused (the paper's "
                                      "configuration at batch 1 as one Pallas kernel per chunk; experimental: not yet measured on a GPU); "
-                                     "auto: xla on every backend until the fused kernel is measured", choices=("auto", "xla", "fused"))
+                                     "auto: xla on every backend until the fused kernel is measured; a run saves what auto resolved to",
+                             choices=("auto", "xla", "fused"))
     precision: str = option("float32", "matrix products and convolutions: float32 (exact, on every backend), tf32 or bfloat16 "
                                        "(faster on GPUs and TPUs)", choices=PRECISIONS)
     chunks: int = option(10, "compiled pieces per epoch (progress-bar and stop-request granularity)", minimum=1)
+    stop_at_chance: bool = option(True, "stop (exit 1) when an epoch ends with the network answering at chance (one class for "
+                                        "every test digit, or 85%% test error or more after 1,000 updates); --no-stop-at-chance goes on")
     eval_batch_size: int = option(1000, "batch size of evaluation", minimum=1)
     keep: int = option(3, "how many of the latest epoch checkpoints to keep (the best by validation error is kept too)", minimum=1)
 
@@ -117,8 +124,8 @@ class Config:
         return Distortion(self.distort_translate, self.distort_scale, self.distort_squeeze, self.distort_shear, self.distort_probability)
 
     def validate(self) -> "Config":
-        """Raise ValueError, one line naming the option, for any value of the wrong type,
-        out of range, or not finite."""
+        """Raise ConfigError, one line naming the option, for any value of the wrong type,
+        out of range, or not finite, and for a head and loss that do not go together."""
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
         self.objective  # checks head, loss and j together
@@ -138,15 +145,15 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "config") -> "Config":
-        """A checked Config from a JSON-like mapping; ValueError naming ``where`` and the
+        """A checked Config from a JSON-like mapping; ConfigError naming ``where`` and the
         key for anything that is not a field or not of its type."""
         if not isinstance(d, Mapping):
-            raise ValueError(f"{where}: expected a JSON object of options, got {type(d).__name__}")
+            raise ConfigError(f"{where}: expected a JSON object of options, got {type(d).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in d.items():
             if key not in fields:
-                raise ValueError(f"{where}: unknown option {key!r}")
+                raise ConfigError(f"{where}: unknown option {key!r}")
             values[key] = _coerce(fields[key], value, f"{where}: {key}")
         return cls(**values)
 
@@ -155,8 +162,8 @@ class Config:
 
 
 RESUMABLE = ("epochs", "lr", "data_source", "data_dir", "cache_dir", "devices", "conv_impl", "step_impl", "precision", "chunks",
-             "eval_batch_size", "keep")
-"""The fields a resumed run may change: the number of epochs, the global step (to go on
+             "eval_batch_size", "keep", "stop_at_chance")
+"""The fields a resumed run may change: the number of epochs, the learning rate (to go on
 at a smaller one) and how the run is executed. Every other field shapes the model, the
 data or the optimiser, so a checkpoint written under one value cannot be continued under
 another."""
@@ -172,12 +179,13 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool]:
     return hint, False
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line spelling of a Config field: ``batch_size`` -> ``--batch-size``."""
     return "--" + name.replace("_", "-")
 
 
 def _coerce(f: dataclasses.Field, value: Any, label: str) -> Any:
-    """``value`` as field ``f``'s type (an int is taken for a float), or ValueError
+    """``value`` as field ``f``'s type (an int is taken for a float), or ConfigError
     naming ``label``."""
     kind, optional = field_type(f)
     if value is None and optional:
@@ -189,30 +197,30 @@ def _coerce(f: dataclasses.Field, value: Any, label: str) -> Any:
         str: isinstance(value, str),
     }[kind]
     if not ok:
-        raise ValueError(f"{label} must be {'null or ' if optional else ''}{kind.__name__}, got {value!r}")
+        raise ConfigError(f"{label} must be {'null or ' if optional else ''}{kind.__name__}, got {value!r}")
     return float(value) if kind is float else value
 
 
 def _check_field(f: dataclasses.Field, value: Any) -> None:
-    name, meta = _flag(f.name), f.metadata
+    name, meta = flag(f.name), f.metadata
     kind, optional = field_type(f)
     if value is None:
         if optional:
             return
-        raise ValueError(f"{name} must be given")
+        raise ConfigError(f"{name} must be given")
     _coerce(f, value, name)
     if "choices" in meta and value not in meta["choices"]:
-        raise ValueError(f"{name} {value!r} is not one of: {', '.join(meta['choices'])}")
+        raise ConfigError(f"{name} {value!r} is not one of: {', '.join(meta['choices'])}")
     if kind is float and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
+        raise ConfigError(f"{name} must be a finite number, got {value}")
     if meta.get("positive") and not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise ConfigError(f"{name} must be positive, got {value}")
     if "minimum" in meta and value < meta["minimum"]:
-        raise ValueError(f"{name} must be at least {meta['minimum']}, got {value}")
+        raise ConfigError(f"{name} must be at least {meta['minimum']}, got {value}")
     if "maximum" in meta and value > meta["maximum"]:
-        raise ValueError(f"{name} must be at most {meta['maximum']}, got {value}")
+        raise ConfigError(f"{name} must be at most {meta['maximum']}, got {value}")
     if "below" in meta and not value < meta["below"]:
-        raise ValueError(f"{name} must be below {meta['below']}, got {value}")
+        raise ConfigError(f"{name} must be below {meta['below']}, got {value}")
 
 
 # --------------------------------------------------------------------------- presets
@@ -237,7 +245,7 @@ MODERN = dict(
 PRESETS: dict[str, Preset] = {
     "paper": Preset(
         "the paper's LeNet-5 and training (batch-1 SDLM, MAP loss, RBF output), with this project's two documented "
-        "departures: initial weights in +-2.4/F^0.6 and half the paper's global step", {}),
+        "departures: initial weights in +-2.4/F^0.6 and half the paper's learning rate (global step)", {}),
     "paper-exact": Preset(
         "the text's own settings: weights in +-2.4/F and the paper's global step 5e-4 (MAP j=5); diverges here, kept for the record",
         dict(init_exponent=1.0, lr=5e-4, map_j=5.0)),
@@ -260,9 +268,9 @@ def load_config_file(path: Path | str) -> Config:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
+        raise ConfigError(f"{path}: cannot read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+        raise ConfigError(f"{path}: not JSON ({e})") from None
     return Config.from_dict(data, str(path))
 
 
@@ -272,4 +280,4 @@ def preset(name: str) -> Config:
         return PRESETS[name].config()
     if name.endswith(".json") or Path(name).is_file():
         return load_config_file(name)
-    raise ValueError(f"--preset {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+    raise ConfigError(f"--preset {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")

@@ -308,14 +308,10 @@ def _cache_best_effort(ds: Dataset, cache: Path, dataset: str, log: Callable[[st
     log(f"cached {dataset} at {cache}")
 
 
-def split_validation(ds: Dataset, size: int, seed: int) -> tuple[Dataset, tuple[np.ndarray, np.ndarray] | None]:
-    """Hold out ``size`` training images chosen by ``seed`` (fixed for a given seed)."""
-    if size == 0:
-        return ds, None
-    n = len(ds.train_labels)
+def validation_split(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of the training images kept for training and of the ``size`` held
+    out for validation, both sorted, chosen by ``seed`` (fixed for a given seed)."""
     if not 0 < size < n:
         raise DataError(f"--validation-size {size} must be between 0 and {n - 1} (the training set has {n} images)")
     perm = np.random.default_rng(seed).permutation(n)
-    held, kept = np.sort(perm[:size]), np.sort(perm[size:])
-    train = Dataset(ds.train_images[kept], ds.train_labels[kept], ds.test_images, ds.test_labels, ds.source)
-    return train, (ds.train_images[held], ds.train_labels[held])
+    return np.sort(perm[size:]), np.sort(perm[:size])

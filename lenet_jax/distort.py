@@ -10,7 +10,6 @@ translated digit can move into the 2-pixel border that padding adds.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import jax
@@ -29,6 +28,8 @@ class Distortion:
     shear: horizontal shear x' = x + k y, k in [-shear, shear].
     probability: share of training patterns that are distorted (the paper's 540,000
     distorted of 600,000 is 0.9).
+
+    The ranges are checked where they are given, as options (``config.Config``).
     """
 
     translate: float = 2.0
@@ -36,19 +37,6 @@ class Distortion:
     squeeze: float = 0.1
     shear: float = 0.2
     probability: float = 0.9
-
-    def validate(self) -> "Distortion":
-        for name in ("translate", "scale", "squeeze", "shear", "probability"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"--distort-{name} must be a finite number, got {getattr(self, name)}")
-        for name in ("translate", "scale", "squeeze", "shear"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"--distort-{name} must be 0 or more, got {getattr(self, name)}")
-        if not self.scale < 1 or not self.squeeze < 1:
-            raise ValueError("--distort-scale and --distort-squeeze must be below 1")
-        if not 0 <= self.probability <= 1:
-            raise ValueError(f"--distort-probability must be in [0, 1], got {self.probability}")
-        return self
 
 
 def random_affine(key: jax.Array, d: Distortion) -> tuple[jax.Array, jax.Array]:

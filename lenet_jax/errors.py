@@ -1,25 +1,37 @@
 """The project's error policy: which failures a user can cause, and how a command reports them.
 
-A user-caused failure (a bad option, a bad file, a busy or unwritable folder, a
-checkpoint that does not fit) is one line on stderr, ``error: <what and where>``, and
-exit code 2; a run whose loss diverged exits 1; an interrupt exits 130. Anything else is
-a bug and keeps its traceback.
+A failure the user caused (a bad option, a bad file, a busy or unwritable folder, a
+checkpoint that does not fit, a full disk under a folder they named) is raised as a
+``UserError`` and ends as one line on stderr, ``error: <what and where>``, exit code 2.
+A run that diverged, or that ended answering at chance, exits 1 (``Diverged``); an
+interrupt exits 130. Anything else (a ``ValueError`` raised inside JAX, orbax or numpy,
+say) is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Callable, ParamSpec
 
 P = ParamSpec("P")
 
 
-class DataError(ValueError):
-    """A data file or source is missing, malformed or fails its check; the message names it."""
+class UserError(Exception):
+    """A failure the user caused: reported in one line, exit code 2."""
 
 
-class CheckpointError(RuntimeError):
+class ConfigError(UserError, ValueError):
+    """A bad option, or options that do not go together; the message names them."""
+
+
+class DataError(UserError, ValueError):
+    """A data or model file, or a data source, is missing, malformed or fails its check;
+    the message names it."""
+
+
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint, or one that does not fit the requested run."""
 
 
@@ -27,13 +39,24 @@ class NoGoodCheckpoint(CheckpointError):
     """Every step of a checkpoint folder failed to load."""
 
 
-class FolderBusy(RuntimeError):
+class CheckpointReadError(CheckpointError):
+    """Reading a checkpoint failed for a reason outside the checkpoint (a read error, a
+    permission, memory): nothing was skipped or moved."""
+
+
+class FolderBusy(UserError, RuntimeError):
     """Another process holds the folder's lock."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, CheckpointError, FolderBusy, OSError)
-"""What a command turns into one line and exit code 2 (DataError is a ValueError; OSError
-covers missing, unreadable and unwritable files, and full disks)."""
+class Diverged(FloatingPointError):
+    """The loss or the parameters became NaN or infinite, or the network ended an epoch
+    answering at chance: the run stops with exit code 1."""
+
+
+def path_error(path: Path | str, error: OSError, doing: str = "cannot write") -> UserError:
+    """A UserError for an OSError on a path the user named: '<path>: <doing> (<reason>)'."""
+    reason = error.strerror or type(error).__name__
+    return UserError(f"{path}: {doing} ({reason})")
 
 
 def fail(message: str, code: int = 2) -> int:
@@ -50,11 +73,11 @@ def command(fn: Callable[P, int]) -> Callable[P, int]:
     def run(*args: P.args, **kwargs: P.kwargs) -> int:
         try:
             return fn(*args, **kwargs)
-        except FloatingPointError as e:
+        except Diverged as e:
             return fail(str(e), 1)
-        except USER_ERRORS as e:
+        except UserError as e:
             return fail(str(e) or type(e).__name__)
-        except KeyboardInterrupt:
-            return fail("interrupted", 130)
+        except KeyboardInterrupt as e:
+            return fail(f"interrupted ({e})" if str(e) else "interrupted", 130)
 
     return run

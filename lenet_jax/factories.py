@@ -13,21 +13,21 @@ from lenet_jax.model import LeNet5, init_params
 from lenet_jax.sdlm import paper_schedule, sdlm
 
 
-def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
-    """The global step as a function of the optimiser step: the paper's per-pass table
+def make_schedule(config: Config, updates_per_epoch: int) -> optax.Schedule:
+    """The learning rate as a function of the update count: the paper's per-epoch table
     (rescaled to ``config.learning_rate``), a cosine decay over the run, or a constant."""
     lr = config.learning_rate
     if config.schedule == "paper":
-        return paper_schedule(steps_per_epoch, lr)
+        return paper_schedule(updates_per_epoch, lr)
     if config.schedule == "cosine":
-        return optax.cosine_decay_schedule(lr, config.epochs * steps_per_epoch)
+        return optax.cosine_decay_schedule(lr, config.epochs * updates_per_epoch)
     return optax.constant_schedule(lr)
 
 
-def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config: Config, updates_per_epoch: int) -> optax.GradientTransformation:
     """SDLM (the paper), plain SGD, SGD with momentum or Adam, on the configured schedule,
     with L2 weight decay on the weights (not the biases) when configured."""
-    schedule = make_schedule(config, steps_per_epoch)
+    schedule = make_schedule(config, updates_per_epoch)
     if config.optimizer == "sdlm":
         tx = sdlm(schedule, mu=config.mu)
     elif config.optimizer == "sgd":
@@ -44,13 +44,15 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransf
 
 def conv_impl_for(config: Config, inference: bool = False, forward_mode: bool = False, backend: str | None = None) -> str:
     """The convolution implementation a model of ``config`` uses. "auto" resolves by
-    backend and use: "custom_vjp" to train on the CPU (its hand-written gradient is the
-    fastest inside the compiled epoch there), "xla" for inference everywhere and for
-    training on GPUs and TPUs. ``forward_mode`` (a model ``jax.jvp`` differentiates)
-    turns "custom_vjp" into "patches"."""
+    backend: "custom_vjp" to train on the CPU (its hand-written gradient is the fastest
+    inside the compiled epoch there), "xla" on GPUs and TPUs. Inference (no gradient)
+    runs "custom_vjp" as "xla", the fastest forward pass; ``forward_mode`` (a model
+    ``jax.jvp`` differentiates) runs it as "patches"."""
     impl = config.conv_impl
     if impl == "auto":
-        impl = "custom_vjp" if (backend or jax.default_backend()) == "cpu" and not inference else "xla"
+        impl = "custom_vjp" if (backend or jax.default_backend()) == "cpu" else "xla"
+    if inference and impl == "custom_vjp":
+        impl = "xla"  # custom_vjp is a hand-written gradient: with none to take, the fastest forward pass
     if forward_mode and impl not in FORWARD_DIFFERENTIABLE:
         impl = "patches"
     return impl
@@ -68,6 +70,14 @@ def step_impl_for(config: Config) -> str:
     return impl
 
 
+def resolve(config: Config) -> Config:
+    """``config`` with each "auto" of how it runs replaced by what it resolves to here:
+    the convolution path that trains it and the implementation of its updates. A run
+    saves the resolved config, so its config.json and checkpoints name the path that
+    trained it, whatever a later version or another backend would pick for "auto"."""
+    return config.replace(conv_impl=conv_impl_for(config), step_impl=step_impl_for(config))
+
+
 def make_model(config: Config, inference: bool = False, forward_mode: bool = False) -> LeNet5:
     """The LeNet5 module ``config`` describes (see ``conv_impl_for`` for the two flags).
     Every convolution implementation computes the same function of the same parameters."""
@@ -78,10 +88,21 @@ def make_model(config: Config, inference: bool = False, forward_mode: bool = Fal
     )
 
 
-def create_state(config: Config, steps_per_epoch: int) -> TrainState:
-    """A fresh TrainState for ``config``, its parameters drawn from its seed; the
-    schedule needs ``steps_per_epoch`` (optimiser updates per pass)."""
+def create_states(config: Config, updates_per_epoch: int, seeds: list[int]) -> list[TrainState]:
+    """A fresh TrainState for each seed of ``seeds`` (the config's own otherwise equal):
+    parameters drawn from the seed, one model and one optimiser shared by all, so the
+    states stack into one for several models trained at once. The schedule needs
+    ``updates_per_epoch``."""
     model = make_model(config)
-    params = init_params(model, jax.random.fold_in(jax.random.key(config.seed), 0))
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(config, steps_per_epoch))
-    return state.replace(step=jnp.zeros((), jnp.int32))  # an array from the start: the first chunk is not traced twice
+    tx = make_optimizer(config, updates_per_epoch)
+    states = []
+    for seed in seeds:
+        params = init_params(model, jax.random.fold_in(jax.random.key(seed), 0))
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+        states.append(state.replace(step=jnp.zeros((), jnp.int32)))  # an array from the start: the first chunk is not traced twice
+    return states
+
+
+def create_state(config: Config, updates_per_epoch: int) -> TrainState:
+    """A fresh TrainState for ``config``, its parameters drawn from its seed."""
+    return create_states(config, updates_per_epoch, [config.seed])[0]

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from lenet_jax.errors import FolderBusy
+from lenet_jax.errors import ConfigError, FolderBusy, path_error
 
 try:
     import fcntl
@@ -86,36 +87,130 @@ def remove_stale_temporaries(path: Path | str) -> list[Path]:
 
 def check_writable_folder(folder: Path, what: str) -> None:
     """Create ``folder`` if needed and check that a file can be written in it, before any
-    time is spent; ValueError naming ``what`` (an option) otherwise."""
+    time is spent; ConfigError naming ``what`` (an option) otherwise."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise ValueError(f"{what} {folder}: not a writable folder ({e.strerror or type(e).__name__})") from None
+        raise ConfigError(f"{what} {folder}: not a writable folder ({e.strerror or type(e).__name__})") from None
+
+
+LOCK = ".lock"
+
+
+class RunFolder:
+    """A folder this process holds the lock of, and the paths this process created in it.
+
+    ``claim`` hands one out. Everything a command writes into a run folder is written
+    after the lock is taken, and a command that fails removes only what it recorded here
+    as created by itself (``created``), and only while it still holds the lock."""
+
+    def __init__(self, path: Path, owner: bool) -> None:
+        self.path = path
+        self.owner = owner
+        self.created: list[Path] = []
+
+    def record(self, path: Path) -> Path:
+        """Note that this command created ``path`` (call before creating it, having
+        checked it did not exist)."""
+        self.created.append(path)
+        return path
+
+    def create_file_if_new(self, name: str, text: str) -> Path:
+        """Write ``name`` atomically, recording it as created when it did not exist."""
+        target = self.path / name
+        if not (target.exists() or target.is_symlink()):
+            self.record(target)
+        try:
+            return atomic_write_text(target, text)
+        except OSError as e:
+            raise path_error(target, e) from None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
-def exclusive(folder: Path, name: str = ".lock") -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``folder/name`` for the block; FolderBusy when
-    another process holds it. The lock dies with its process, so a killed run never
-    leaves a folder locked."""
-    lock = folder / name
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+def claim(folder: Path, what: str = "training", lock: bool = True, created: bool = False,
+          durable: Callable[[Path], bool] = lambda folder: False) -> Iterator[RunFolder]:
+    """Hold ``folder`` for the block: create it (and its parents) if needed, then take
+    its lock before anything else is written; FolderBusy when another process holds it.
+
+    When the block fails, what this claim created (the folder, its lock file and
+    whatever was ``record``ed) is removed while the lock is still held, unless
+    ``durable(folder)`` says the folder now holds work worth keeping (a checkpoint).
+    ``created``: the caller made the folder for this command (``new_run_folder``).
+    ``lock=False`` (the processes other than process 0 of a cluster) creates and
+    removes nothing. The lock dies with its process, so a killed run never leaves a
+    folder locked."""
+    if not lock:
+        yield RunFolder(folder, owner=False)
+        return
+    held = RunFolder(folder, owner=True)
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
-        if not _try_lock(fd):
-            raise FolderBusy(f"{folder} is in use by another training process (it holds {lock})")
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--workdir {folder}: not a writable folder ({e.strerror or type(e).__name__})") from None
+    created_folder = created or folder in missing
+    lock_path = folder / LOCK
+    new_lock = not (lock_path.exists() or lock_path.is_symlink())
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if created_folder:
+            _remove_empty([folder])
+        raise ConfigError(f"--workdir {folder}: not a writable folder ({e.strerror or type(e).__name__})") from None
+    try:
+        # The lock file must still be the one at the path: a process cleaning up removes
+        # it while holding it, and one that opened it before then must not go on.
+        if not _try_lock(fd) or not _same_file(fd, lock_path):
+            raise FolderBusy(f"{folder} is in use by another {what} process (it holds {lock_path})")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        try:
+            yield held
+        except BaseException:
+            if not durable(folder):
+                for path in reversed(held.created):
+                    _remove(path)
+                if new_lock:
+                    lock_path.unlink(missing_ok=True)
+                if created_folder:
+                    _remove_empty([folder, *[p for p in folder.parents if p in missing]])
+            raise
     finally:
         os.close(fd)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each folder in turn if it is empty (never anything in it)."""
+    for f in folders:
+        try:
+            f.rmdir()
+        except OSError:
+            return
+
+
 def new_run_folder(parent: Path, stem: str) -> Path:
     """A folder ``parent/stem`` created now, or ``stem-2``, ``stem-3``... if taken, so two
-    runs started in the same second never share one."""
-    parent.mkdir(parents=True, exist_ok=True)
+    runs started in the same second never share one (pass ``created=True`` to ``claim``)."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise path_error(parent, e, "cannot create a run folder here") from None
     for i in range(1, 10_000):
         candidate = parent / (stem if i == 1 else f"{stem}-{i}")
         try:
@@ -123,4 +218,6 @@ def new_run_folder(parent: Path, stem: str) -> Path:
             return candidate
         except FileExistsError:
             continue
-    raise ValueError(f"{parent}: could not find a free run folder name for {stem}")
+        except OSError as e:
+            raise path_error(candidate, e, "cannot create a run folder here") from None
+    raise ConfigError(f"{parent}: could not find a free run folder name for {stem}")

@@ -33,7 +33,7 @@ kernel computes); ``tests/test_fused.py`` checks it against the XLA path.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +43,10 @@ from flax.training.train_state import TrainState
 from jax.experimental import pallas as pl
 
 from lenet_jax.bitmaps import RBF_CENTRES
-from lenet_jax.config import Config
+from lenet_jax.config import Config, flag
+from lenet_jax.errors import ConfigError
 from lenet_jax.inputs import BACKGROUND, INK
-from lenet_jax.layers import AMPLITUDE, C3_TABLE, SLOPE, connection_mask
+from lenet_jax.layers import C3_TABLE, connection_mask, scaled_tanh, squash_slope_from_output
 from lenet_jax.sdlm import get_hessian
 
 REQUIRED = dict(head="rbf", loss="map", activation="scaled_tanh", subsampling="trainable", c3="table", conv="plain",
@@ -57,12 +58,12 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def check_supported(config: Config) -> None:
-    """ValueError naming every setting of ``config`` the fused step does not implement."""
-    other = [f"--{k.replace('_', '-')} {getattr(config, k)!r}" for k, v in REQUIRED.items() if getattr(config, k) != v]
+    """ConfigError naming every setting of ``config`` the fused step does not implement."""
+    other = [f"{flag(k)} {getattr(config, k)!r}" for k, v in REQUIRED.items() if getattr(config, k) != v]
     if config.precision != "float32":
         other.append(f"--precision {config.precision!r}")
     if other:
-        raise ValueError("--step-impl fused runs the paper's configuration at batch 1 only; this run asks for " + ", ".join(other))
+        raise ConfigError("--step-impl fused runs the paper's configuration at batch 1 only; this run asks for " + ", ".join(other))
 
 
 # --------------------------------------------------------------------------- index tables
@@ -121,29 +122,98 @@ def _pad(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)])
 
 
-def pack(params: Any) -> list[jax.Array]:
-    """LeNet-5's parameter tree as the kernel's padded buffers, in kernel order."""
+class Params(NamedTuple):
+    """LeNet-5's parameters as the kernel's padded buffers (or anything laid out alike:
+    their curvature estimates, their references inside the kernel)."""
+
+    w1: Any
+    b1: Any
+    c2: Any
+    b2: Any
+    w3: Any
+    b3: Any
+    c4: Any
+    b4: Any
+    w5: Any
+    b5: Any
+    w6: Any
+    b6: Any
+
+
+class Tables(NamedTuple):
+    """The index tables and masks of the padded layout (``TABLES``), in kernel order."""
+
+    c1: Any
+    c1_mask: Any
+    c3: Any
+    c3_mask: Any
+    back: Any
+    back_mask: Any
+    w3_mask: Any
+    s2_rows: Any
+    s4_rows: Any
+
+
+class Scratch(NamedTuple):
+    """The kernel's outputs besides the parameters: the loss and error sums, then buffers
+    that values pass through between layers."""
+
+    totals: Any
+    s2: Any
+    s4: Any
+    ds4: Any
+    dx3: Any
+
+
+class Refs(NamedTuple):
+    """Every buffer the kernel sees, by name. Pallas hands them over as one flat list:
+    the inputs (the pattern indices, learning rates, images, labels, RBF centres, the
+    tables, the curvature estimate, then the parameters, aliased to the first outputs)
+    and the outputs (the updated parameters, then the scratch buffers)."""
+
+    batch: Any
+    lr: Any
+    image: Any
+    label: Any
+    centre: Any
+    tables: Tables
+    hessian: Params
+    params: Params
+    scratch: Scratch
+
+    @classmethod
+    def of(cls, refs: tuple[Any, ...]) -> "Refs":
+        n_tables, n_params = len(Tables._fields), len(Params._fields)
+        head, rest = refs[:5], refs[5:]
+        tables, rest = Tables(*rest[:n_tables]), rest[n_tables:]
+        hessian, rest = Params(*rest[:n_params]), rest[n_params:]
+        rest = rest[n_params:]  # the parameter inputs: aliased to the outputs that follow, and read through those
+        return cls(*head, tables, hessian, Params(*rest[:n_params]), Scratch(*rest[n_params:]))
+
+
+def pack(params: Any) -> Params:
+    """LeNet-5's parameter tree as the kernel's padded buffers."""
     p = params
-    return [
+    return Params(
         _pad(p["C1"]["kernel"].reshape(25, 6), (32, 16)), _pad(p["C1"]["bias"], (16,)),
         _pad(p["S2"]["coefficient"], (16,)), _pad(p["S2"]["bias"], (16,)),
         _pad(p["C3"]["kernel"].reshape(150, 16), (256, 16)), p["C3"]["bias"],
         p["S4"]["coefficient"], p["S4"]["bias"],
         _pad(p["C5"]["kernel"].reshape(400, 120), (512, 128)), _pad(p["C5"]["bias"], (128,)),
         _pad(p["F6"]["kernel"], (128, 128)), _pad(p["F6"]["bias"], (128,)),
-    ]
+    )
 
 
-def unpack(buffers: list[jax.Array], like: Any) -> Any:
+def unpack(buffers: Params, like: Any) -> Any:
     """The kernel's buffers back as a parameter tree shaped like ``like``."""
-    w1, b1, c2, b2, w3, b3, c4, b4, w5, b5, w6, b6 = buffers
+    b = Params(*buffers)
     tree = {
-        "C1": {"kernel": w1[:25, :6].reshape(5, 5, 1, 6), "bias": b1[:6]},
-        "S2": {"coefficient": c2[:6], "bias": b2[:6]},
-        "C3": {"kernel": w3[:150].reshape(5, 5, 6, 16), "bias": b3},
-        "S4": {"coefficient": c4, "bias": b4},
-        "C5": {"kernel": w5[:400, :120].reshape(5, 5, 16, 120), "bias": b5[:120]},
-        "F6": {"kernel": w6[:120, :84], "bias": b6[:84]},
+        "C1": {"kernel": b.w1[:25, :6].reshape(5, 5, 1, 6), "bias": b.b1[:6]},
+        "S2": {"coefficient": b.c2[:6], "bias": b.b2[:6]},
+        "C3": {"kernel": b.w3[:150].reshape(5, 5, 6, 16), "bias": b.b3},
+        "S4": {"coefficient": b.c4, "bias": b.b4},
+        "C5": {"kernel": b.w5[:400, :120].reshape(5, 5, 16, 120), "bias": b.b5[:120]},
+        "F6": {"kernel": b.w6[:120, :84], "bias": b.b6[:84]},
     }
     return jax.tree.map(lambda new, old: new.astype(old.dtype), tree, like)
 
@@ -151,29 +221,24 @@ def unpack(buffers: list[jax.Array], like: Any) -> Any:
 # --------------------------------------------------------------------------- the kernel
 
 
-def _squash(a: jax.Array) -> jax.Array:
-    return AMPLITUDE * jnp.tanh(SLOPE * a)
-
-
-def _slope(y: jax.Array) -> jax.Array:
-    """f'(a) from y = f(a)."""
-    return SLOPE * (AMPLITUDE - y * y / AMPLITUDE)
+_squash = scaled_tanh
+_slope = squash_slope_from_output
+"""f'(a) from y = f(a)."""
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
-N_PARAMS = 12
+N_PARAMS = len(Params._fields)
 
 
-def _kernel(*refs: Any, steps: int, mu: float, j: float, barrier: Callable[[], None]) -> None:
-    (batch_ref, lr_ref, image_ref, label_ref, centre_ref, c1_ref, c1m_ref, c3_ref, c3m_ref, back_ref, backm_ref, w3m_ref,
-     s2r_ref, s4r_ref) = refs[:14]
-    hess = refs[14 : 14 + N_PARAMS]
-    out = refs[14 + 2 * N_PARAMS :]  # the parameter inputs in between are aliased to the first outputs
-    param_ref = out[:N_PARAMS]
-    totals_ref, s2_ref, s4_ref, ds4_ref, dx3_ref = out[N_PARAMS:]
+def _kernel(*flat: Any, steps: int, mu: float, j: float, barrier: Callable[[], None]) -> None:
+    refs = Refs.of(flat)
+    batch_ref, lr_ref, image_ref, label_ref, centre_ref = refs.batch, refs.lr, refs.image, refs.label, refs.centre
+    t, hess, param_ref = refs.tables, refs.hessian, refs.params
+    c1_ref, c1m_ref, c3_ref, c3m_ref, back_ref, backm_ref, w3m_ref, s2r_ref, s4r_ref = t
+    totals_ref, s2_ref, s4_ref, ds4_ref, dx3_ref = refs.scratch
     w1_ref, b1_ref, c2_ref, b2_ref, w3_ref, b3_ref, c4_ref, b4_ref, w5_ref, b5_ref, w6_ref, b6_ref = param_ref
     rows16 = jax.lax.broadcasted_iota(jnp.int32, (16,), 0)
 
@@ -239,7 +304,7 @@ def _kernel(*refs: Any, steps: int, mu: float, j: float, barrier: Callable[[], N
             ds4_ref[rows] = jnp.sum(w * d_a5[None, :], axis=1)
             grad = s4_ref[rows][:, None] * d_a5[None, :]
             barrier()  # every thread has read these rows before any overwrites them
-            w5_ref[rows, :] = w + (grad / (mu + hess[8][rows, :])) * (-lr)
+            w5_ref[rows, :] = w + (grad / (mu + hess.w5[rows, :])) * (-lr)
             return unused
 
         jax.lax.fori_loop(0, 8, c5_back, 0)
@@ -275,11 +340,12 @@ def _kernel(*refs: Any, steps: int, mu: float, j: float, barrier: Callable[[], N
         d_s2 = d_y2 * _slope(y2) * s2r_ref[...]
         d_c2, d_b2, d_w1, d_b1 = pooled(d_s2, c2, y1_sum, c1)
 
-        # The SDLM step of every other parameter: p + (g / (mu + h)) * -lr, as optax computes it.
-        grads = [d_w1, d_b1, d_c2, d_b2, d_w3 * w3m_ref[...], d_b3, d_c4, d_b4, None, d_a5, y5[:, None] * d_a6[None, :], d_a6]
-        for ref, h_ref, grad in zip(param_ref, hess, grads):
-            if grad is not None:
-                ref[...] = ref[...] + (grad / (mu + h_ref[...])) * (-lr)
+        # The SDLM step of every other parameter (C5's kernel is updated above): p + (g / (mu + h)) * -lr, as optax computes it.
+        grads = dict(w1=d_w1, b1=d_b1, c2=d_c2, b2=d_b2, w3=d_w3 * w3m_ref[...], b3=d_b3, c4=d_c4, b4=d_b4, b5=d_a5,
+                     w6=y5[:, None] * d_a6[None, :], b6=d_a6)
+        for name, grad in grads.items():
+            ref, h_ref = getattr(param_ref, name), getattr(hess, name)
+            ref[...] = ref[...] + (grad / (mu + h_ref[...])) * (-lr)
         barrier()
         return loss_sum + loss, errors + (guess != label).astype(jnp.int32)
 
@@ -299,23 +365,20 @@ def fused_train_chunk(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """``steps.train_chunk`` for the paper's configuration at batch 1, as one kernel
     launch: ``images`` are the padded uint8 (N, 32, 32) training images, ``batches``
-    (L, 1) indices into them; ``schedule`` gives the global step of each update from the
-    optimiser's count, ``mu`` and ``j`` are SDLM's and the MAP criterion's constants."""
+    (L, 1) indices into them; ``schedule`` gives the learning rate of each update from the
+    update count, ``mu`` and ``j`` are SDLM's and the MAP criterion's constants."""
     del key  # the paper's configuration draws nothing per update
     steps = batches.shape[0]
     count = optax.tree_utils.tree_get(state.opt_state, "count")
     lrs = jax.vmap(schedule)(count + jnp.arange(steps)).astype(jnp.float32)
-    tables = [TABLES[k] for k in ("c1", "c1_mask", "c3", "c3_mask", "back", "back_mask", "w3_mask", "s2_rows", "s4_rows")]
     centres = np.zeros((16, 128), np.float32)
     centres[:10, :84] = RBF_CENTRES
     params = pack(state.params)
     inputs = [batches[:, 0].astype(jnp.int32), lrs, images.reshape(images.shape[0], -1), labels.astype(jnp.int32), jnp.asarray(centres),
-              *map(jnp.asarray, tables), *pack(get_hessian(state.opt_state)), *params]
+              *map(jnp.asarray, Tables(**{k: TABLES[k] for k in Tables._fields})), *pack(get_hessian(state.opt_state)), *params]
     first_param = len(inputs) - N_PARAMS
-    out_shape = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params] + [
-        jax.ShapeDtypeStruct((2,), jnp.float32), jax.ShapeDtypeStruct((256 * 16,), jnp.float32),
-        jax.ShapeDtypeStruct((512,), jnp.float32), jax.ShapeDtypeStruct((512,), jnp.float32),
-        jax.ShapeDtypeStruct((4 * 32 * 256,), jnp.float32)]
+    scratch = Scratch(totals=(2,), s2=(256 * 16,), s4=(512,), ds4=(512,), dx3=(4 * 32 * 256,))
+    out_shape = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params] + [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in scratch]
     if interpret:
         barrier, compiler_params = _no_barrier, None
     else:
@@ -325,7 +388,9 @@ def fused_train_chunk(
     kernel = functools.partial(_kernel, steps=steps, mu=mu, j=j, barrier=barrier)
     outs = pl.pallas_call(kernel, out_shape=out_shape, input_output_aliases={first_param + k: k for k in range(N_PARAMS)},
                           interpret=interpret, compiler_params=compiler_params, name="lenet5_sdlm_batch1")(*inputs)
-    totals = outs[N_PARAMS]
-    new_state = state.replace(params=unpack(list(outs[:N_PARAMS]), state.params), step=state.step + steps,
+    totals = Scratch(*outs[N_PARAMS:]).totals
+    new_params = Params(*outs[:N_PARAMS])
+    finite = jnp.isfinite(totals[0]) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in new_params]))
+    new_state = state.replace(params=unpack(new_params, state.params), step=state.step + steps,
                               opt_state=optax.tree_utils.tree_set(state.opt_state, count=count + steps))
-    return new_state, {"loss": totals[0], "errors": totals[1].astype(jnp.int32), "finite": jnp.isfinite(totals[0])}
+    return new_state, {"loss": totals[0], "errors": totals[1].astype(jnp.int32), "finite": finite}

@@ -70,8 +70,14 @@ def fan_in_uniform(fan_in: np.ndarray | float, exponent: float = 1.0, scale: flo
     return init
 
 
+def scaled_tanh(a: jax.Array, amplitude: float = AMPLITUDE, slope: float = SLOPE) -> jax.Array:
+    """The squashing function f(a) = A tanh(S a) (appendix A)."""
+    return amplitude * jnp.tanh(slope * a)
+
+
 def squash_slope_from_output(x: jax.Array, amplitude: float = AMPLITUDE, slope: float = SLOPE) -> jax.Array:
-    """f'(a) written in terms of x = f(a): S (A - x^2 / A). Used by the curvature pass."""
+    """f'(a) written in terms of x = f(a): S (A - x^2 / A). Used by the curvature pass
+    and by the fused kernel's backward pass."""
     return slope * (amplitude - x * x / amplitude)
 
 
@@ -82,7 +88,7 @@ class ScaledTanh(nn.Module):
     slope: float = SLOPE
 
     def __call__(self, a: jax.Array) -> jax.Array:
-        return self.amplitude * jnp.tanh(self.slope * a)
+        return scaled_tanh(a, self.amplitude, self.slope)
 
     def derivative_from_output(self, x: jax.Array) -> jax.Array:
         return squash_slope_from_output(x, self.amplitude, self.slope)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from lenet_jax import precision as prec
 from lenet_jax.bitmaps import RBF_CENTRES
+from lenet_jax.errors import ConfigError
 
 LOSSES = ("map", "mse", "xent")
 
@@ -58,11 +59,11 @@ class Objective:
     def __post_init__(self) -> None:
         allowed = {"rbf": ("map", "mse"), "softmax": ("xent",)}
         if self.head not in allowed:
-            raise ValueError(f"unknown head {self.head!r}; choose from rbf, softmax")
+            raise ConfigError(f"unknown head {self.head!r}; choose from rbf, softmax")
         if self.loss not in allowed[self.head]:
-            raise ValueError(f"the {self.head} head takes loss {' or '.join(allowed[self.head])}, not {self.loss!r}")
+            raise ConfigError(f"the {self.head} head takes loss {' or '.join(allowed[self.head])}, not {self.loss!r}")
         if self.loss == "map" and not self.j > 0:
-            raise ValueError(f"the MAP constant j must be positive, got {self.j}")
+            raise ConfigError(f"the MAP constant j must be positive, got {self.j}")
 
     def per_sample(self, scores: jax.Array, labels: jax.Array) -> jax.Array:
         """The loss of each sample from its scores (RBF penalties or logits)."""

@@ -3,11 +3,16 @@
 An epoch is a few calls of ``train_chunk``, a jitted ``lax.scan`` of ``train_step`` over
 index batches into the device-resident dataset, so nothing runs in Python per update:
 batch size 1 (the paper's pure stochastic updates) costs what its arithmetic costs.
+
+A ``Strategy`` says how the chunks of updates and the curvature refreshes of R models
+trained together are computed: one model runs the compiled chunk as it is (the XLA scan,
+or the fused Pallas kernel), several run its ``jax.vmap`` over a leading model axis.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import jax
@@ -19,6 +24,7 @@ from jax.sharding import Mesh
 from lenet_jax import hessian
 from lenet_jax.config import Config
 from lenet_jax.distort import Distortion, distort_batch
+from lenet_jax.errors import ConfigError
 from lenet_jax.factories import make_model, make_schedule, step_impl_for
 from lenet_jax.inputs import preprocess
 from lenet_jax.losses import Objective
@@ -37,17 +43,18 @@ def epoch_key(seed: int, epoch: int, purpose: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), purpose)
 
 
-def step_keys(seed: int) -> jax.Array:
-    """The key every update's own randomness (dropout, distortions) is folded from."""
+def update_key(seed: int) -> jax.Array:
+    """The key every update's own randomness (dropout, distortions) is folded from, with
+    the update count."""
     return jax.random.fold_in(jax.random.key(seed), PURPOSE_STEPS)
 
 
 def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> jax.Array:
-    """The epoch's shuffled index batches, (n // batch_size, batch_size); a remainder
-    smaller than a batch is left out of that epoch (a different one each epoch)."""
+    """The epoch's shuffled batches of positions 0..n-1, (n // batch_size, batch_size); a
+    remainder smaller than a batch is left out of that epoch (a different one each epoch)."""
     perm = jax.random.permutation(epoch_key(seed, epoch, PURPOSE_ORDER), n)
-    steps = n // batch_size
-    return perm[: steps * batch_size].reshape(steps, batch_size)
+    updates = n // batch_size
+    return perm[: updates * batch_size].reshape(updates, batch_size)
 
 
 def loss_fn(
@@ -89,10 +96,10 @@ def train_chunk(
     """Scan ``train_step`` over rows of ``batches`` (indices into the uint8 ``images``:
     28x28, or faster padded once by ``pad_images``), each batch split over ``mesh`` when
     one is given (data parallelism). Returns the state and the summed loss, the error
-    count and whether every loss was finite.
+    count and whether every loss and the final parameters are finite.
 
     With a ``key``, each update's randomness (dropout, and the distortion ``augment`` of
-    its batch) is drawn from ``key`` folded with the optimiser step, so a resumed run
+    its batch) is drawn from ``key`` folded with the update count, so a resumed run
     draws exactly what an uninterrupted one would."""
 
     def body(carry, idx):
@@ -111,26 +118,29 @@ def train_chunk(
 
     zero = {"loss": jnp.zeros((), jnp.float32), "errors": jnp.zeros((), jnp.int32), "finite": jnp.ones((), bool)}
     (state, totals), _ = jax.lax.scan(body, (state, zero), batches)
-    return state, totals
+    return state, dict(totals, finite=totals["finite"] & tree_all_finite(state.params))
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+    """Whether every entry of every leaf of ``tree`` is finite, as a boolean array."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 compiled_train_chunk = jax.jit(train_chunk, static_argnames=CHUNK_STATIC, donate_argnames=("state",))
 """``train_chunk`` compiled; the state's buffers are donated (updated in place)."""
 
+
+def _replicated_chunk(state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array, key: jax.Array, **static: Any
+                      ) -> tuple[TrainState, Metrics]:
+    return jax.vmap(lambda s, b, k: train_chunk(s, images, labels, b, k, **static))(state, batches, key)
+
+
+replicated_train_chunk = jax.jit(_replicated_chunk, static_argnames=CHUNK_STATIC, donate_argnames=("state",))
+"""``train_chunk`` for R models at once: the leaves of ``state``, ``batches`` and
+``key`` carry a leading model axis; the data is shared."""
+
 Chunk = Callable[[TrainState, jax.Array, jax.Array, jax.Array, jax.Array], tuple[TrainState, Metrics]]
 """(state, images, labels, batches, key) -> (state, metrics): a chunk of updates."""
-
-
-def chunk_function(config: Config, steps_per_epoch: int, mesh: Mesh | None = None) -> Chunk:
-    """The compiled chunk of updates a run of ``config`` uses: the XLA scan of
-    ``train_step``, or the fused Pallas kernel (``factories.step_impl_for``); the fused
-    kernel runs in Pallas' interpret mode on the CPU."""
-    if step_impl_for(config) == "fused":
-        from lenet_jax.fused import fused_train_chunk
-
-        return functools.partial(fused_train_chunk, schedule=make_schedule(config, steps_per_epoch), mu=config.mu, j=config.map_j,
-                                 interpret=jax.default_backend() == "cpu")
-    return functools.partial(compiled_train_chunk, objective=config.objective, mesh=mesh, augment=config.distortion)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "objective", "batch_size"))
@@ -178,21 +188,23 @@ def summarize_evaluation(out: dict[str, Any], labels: Any) -> dict[str, Any]:
     }
 
 
-@functools.partial(jax.jit, static_argnames=("estimator", "model", "objective", "probes"))
-def estimate_hessian(
-    params: Any,
-    images: jax.Array,
-    labels: jax.Array,
-    pick: jax.Array,
-    key: jax.Array,
-    estimator: str,
-    model: LeNet5,
-    objective: Objective,
-    probes: int = 8,
+def _estimate(
+    params: Any, images: jax.Array, labels: jax.Array, pick: jax.Array, key: jax.Array, *,
+    estimator: str, model: LeNet5, objective: Objective, probes: int = 8,
 ) -> Any:
-    """A compiled Hessian-diagonal estimate over the uint8 ``images[pick]`` (see
-    ``lenet_jax.hessian``)."""
     return hessian.estimate(estimator, model, objective, params, preprocess(images[pick]), labels[pick], key, probes=probes)
+
+
+ESTIMATE_STATIC = ("estimator", "model", "objective", "probes")
+
+estimate_hessian = jax.jit(_estimate, static_argnames=ESTIMATE_STATIC)
+"""A compiled Hessian-diagonal estimate over the uint8 ``images[pick]`` (see
+``lenet_jax.hessian``); ``key`` drives the estimator's own randomness."""
+
+replicated_estimate = jax.jit(
+    lambda params, images, labels, pick, key, **static: jax.vmap(lambda p, i, k: _estimate(p, images, labels, i, k, **static))(params, pick, key),
+    static_argnames=ESTIMATE_STATIC)
+"""``estimate_hessian`` for R models at once, each over its own sample of patterns."""
 
 
 def curvature_model(config: Config) -> LeNet5:
@@ -202,18 +214,85 @@ def curvature_model(config: Config) -> LeNet5:
 
 
 def curvature_sample(config: Config, epoch: int, n: int) -> tuple[jax.Array, jax.Array]:
-    """The training patterns (indices) the estimate before ``epoch`` averages over, and
-    the key of its own randomness."""
+    """The positions (0..n-1 in the training set) of the patterns the estimate before
+    ``epoch`` averages over, and the key of its own randomness."""
     key = epoch_key(config.seed, epoch, PURPOSE_CURVATURE)
     pick = jax.random.choice(key, n, (min(config.hessian_samples, n),), replace=False)
     return pick, jax.random.fold_in(key, 1)
 
 
 def refresh_curvature(state: TrainState, images: jax.Array, labels: jax.Array, config: Config, epoch: int) -> TrainState:
-    """Before a pass: average the estimate over ``config.hessian_samples`` random training
-    patterns and hold it fixed in the optimiser state for the pass (appendix C). The
-    patterns are the same on every device: the average is over the global sample."""
-    pick, key = curvature_sample(config, epoch, labels.shape[0])
-    h = estimate_hessian(state.params, images, labels, pick, key, config.hessian_estimator, curvature_model(config),
-                         config.objective, config.hutchinson_probes)
-    return state.replace(opt_state=set_hessian(state.opt_state, h))
+    """Before an epoch: average the estimate over ``config.hessian_samples`` random
+    training patterns and hold it fixed in the optimiser state for the epoch (appendix C).
+    The patterns are the same on every device: the average is over the global sample."""
+    return Strategy.build(config, replicas=1, updates_per_epoch=1).refresh(state, images, labels, [config], [None], epoch)
+
+
+# --------------------------------------------------------------------------- several models at once
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How the updates and curvature refreshes of ``replicas`` models trained together are
+    computed. One model (R = 1) runs the compiled chunk as it is, the XLA scan or the
+    fused kernel; several (R > 1) run the ``vmap``ped XLA chunk, their states, batches
+    and keys stacked along a leading model axis, the data shared.
+
+    ``stack`` and ``unstack`` move between the models' own values and what the compiled
+    programs take: R = 1 leaves a value as it is, so one model's run is exactly the
+    program it always was."""
+
+    replicas: int
+    chunk: Chunk = field(repr=False)
+    estimate: Callable[..., Any] = field(repr=False)
+    impl: str = "xla"
+
+    @classmethod
+    def build(cls, config: Config, replicas: int, updates_per_epoch: int, mesh: Mesh | None = None) -> "Strategy":
+        """The strategy for ``replicas`` models of ``config`` (``factories.step_impl_for``
+        picks the implementation; the fused kernel trains one model at a time)."""
+        impl = step_impl_for(config)
+        estimator = dict(estimator=config.hessian_estimator, model=curvature_model(config), objective=config.objective,
+                         probes=config.hutchinson_probes)
+        static = dict(objective=config.objective, augment=config.distortion)
+        if replicas > 1:
+            if impl != "xla":
+                raise ConfigError("several seeds at once run the xla step: the fused kernel trains one model at a time (--step-impl xla)")
+            return cls(replicas, functools.partial(replicated_train_chunk, **static),
+                       functools.partial(replicated_estimate, **estimator), impl)
+        if impl == "fused":
+            from lenet_jax.fused import fused_train_chunk
+
+            chunk = functools.partial(fused_train_chunk, schedule=make_schedule(config, updates_per_epoch), mu=config.mu, j=config.map_j,
+                                      interpret=jax.default_backend() == "cpu")
+        else:
+            chunk = functools.partial(compiled_train_chunk, mesh=mesh, **static)
+        return cls(1, chunk, functools.partial(estimate_hessian, **estimator), impl)
+
+    def stack(self, values: list[Any]) -> Any:
+        """The models' own values (states, batches, keys) as the compiled programs take them."""
+        if len(values) != self.replicas:
+            raise ValueError(f"expected {self.replicas} values, got {len(values)}")
+        return values[0] if self.replicas == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *values)
+
+    def unstack(self, value: Any, r: int) -> Any:
+        """Model ``r``'s own part of a stacked value."""
+        return value if self.replicas == 1 else jax.tree.map(lambda x: x[r], value)
+
+    def per_model(self, metric: Any) -> np.ndarray:
+        """A metric of the compiled chunk as one host value per model."""
+        return np.asarray(metric).reshape(self.replicas)
+
+    def refresh(self, state: TrainState, images: jax.Array, labels: jax.Array, configs: list[Config],
+                train_index: list[jax.Array | None], epoch: int) -> TrainState:
+        """Each model's curvature estimate before ``epoch``, over its own sample of its own
+        training patterns (positions mapped through ``train_index`` when it has one),
+        put into its optimiser state."""
+        picks, keys = [], []
+        for config, index in zip(configs, train_index):
+            n = labels.shape[0] if index is None else index.shape[0]
+            pick, key = curvature_sample(config, epoch, n)
+            picks.append(pick if index is None else index[pick])
+            keys.append(key)
+        h = self.estimate(state.params, images, labels, self.stack(picks), self.stack(keys))
+        return state.replace(opt_state=set_hessian(state.opt_state, h))

@@ -1,11 +1,17 @@
-"""The training loop: ``fit`` a Config on a Dataset into a run folder, resume it from
-wherever it stopped, and ``restore_run`` a saved pass.
+"""The training loop: train R >= 1 models of one configuration, each into a run folder of
+its own, and resume them from wherever they stopped.
 
-The loop is thin: it chooses chunks of the epoch's index batches, runs the compiled chunk
-of updates (``steps.chunk_function``: the XLA scan or the fused kernel) on each,
-refreshes SDLM's curvature before each pass, evaluates after it, and saves. Where a run stands is its optimiser step
-(``checkpoint.Position``); everything random is derived from the seed and that position,
-so a run stopped anywhere resumes bit for bit.
+``fit`` trains one model (R = 1); ``fit_seeds`` trains one model per seed, all in one
+compiled program, each into ``WORKDIR/seed-S``. Both are the same loop: the
+``Experiment`` holds what the models share (the config, the data on the device, the
+mesh, the ``steps.Strategy`` that computes their chunks of updates and curvature
+refreshes), each ``ModelRun`` what one model writes (its folder, checkpoint writer,
+training positions and validation set).
+
+The loop is thin: it runs the compiled chunk on each slice of the epoch's batches,
+refreshes SDLM's curvature before each epoch, evaluates after it, and saves. Where a
+model stands is its update count (``checkpoint.Position``); everything random is
+derived from the seed and that count, so a run stopped anywhere resumes bit for bit.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -25,27 +32,28 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lenet_jax import checkpoint as ckpt
-from lenet_jax.checkpoint import Position
-from lenet_jax.config import Config, load_config_file
-from lenet_jax.data import Dataset, split_validation
-from lenet_jax.errors import CheckpointError
-from lenet_jax.factories import conv_impl_for, create_state, make_model, step_impl_for
-from lenet_jax.fileio import atomic_write_text, exclusive
+from lenet_jax.checkpoint import CHECKPOINTS, CONFIG, METRICS, SEED_FOLDER, Position
+from lenet_jax.config import Config
+from lenet_jax.data import Dataset, validation_split
+from lenet_jax.errors import CheckpointError, ConfigError, Diverged
+from lenet_jax.factories import create_states, make_model, resolve
+from lenet_jax.fileio import RunFolder, claim
 from lenet_jax.inputs import pad_images
 from lenet_jax.model import count_parameters
 from lenet_jax.parallel import choose_devices, data_mesh, is_primary, put_replicated
 from lenet_jax.sdlm import uses_curvature
-from lenet_jax.steps import Chunk, chunk_function, epoch_batches, evaluate, refresh_curvature, step_keys
+from lenet_jax.steps import Strategy, epoch_batches, evaluate, update_key
 
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
-CONFIG = "config.json"
+CHANCE_ERROR = 0.85
+"""A test error at or above this after an epoch of at least ``CHANCE_UPDATES`` updates
+means the network answers at chance (90% for ten classes)."""
+CHANCE_UPDATES = 1000
 
 
 @dataclass
 class RunResult:
-    """The state a run ended with, its per-pass history, where it stands and how many
-    passes it was asked for (``finished`` unless a stop request ended it early)."""
+    """The state a model ended with, its per-epoch history, its folder, where it stands
+    and how many epochs it was asked for (``finished`` unless a stop request ended it)."""
 
     state: TrainState
     history: list[dict[str, Any]]
@@ -58,155 +66,272 @@ class RunResult:
         return self.position.complete and self.position.epoch >= self.epochs
 
 
-def training_split(config: Config, dataset: Dataset) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-    """The images and labels ``config`` trains on, and its validation set (None without one)."""
-    train, validation = split_validation(dataset, config.validation_size, config.seed)
-    images, labels = train.train_images, train.train_labels
-    if config.train_subset is not None:
-        if config.train_subset > len(labels):
-            raise ValueError(f"--train-subset {config.train_subset} is larger than the {len(labels):,} training images")
-        images, labels = images[: config.train_subset], labels[: config.train_subset]
-    if config.batch_size > len(labels):
-        raise ValueError(f"--batch-size {config.batch_size} is larger than the {len(labels)} training images")
-    return images, labels, validation
-
-
 @dataclass(frozen=True)
-class Run:
-    """What every pass of one run shares: its config and folder, the data on the device,
-    the mesh, the chunking, and how it reports and is stopped (``replicas`` builds one per
-    seed, sharing the arrays)."""
+class Experiment:
+    """What the models trained together share: the config (the first model's seed), the
+    training and test data on the device, the mesh, the strategy, the chunking, and how
+    the run reports and is stopped."""
 
     config: Config
-    workdir: Path
     images: jax.Array
     labels: jax.Array
-    validation: tuple[jax.Array, jax.Array] | None
     test: tuple[jax.Array, jax.Array]
     mesh: Mesh
-    steps: int
+    strategy: Strategy
+    updates_per_epoch: int
     chunk_len: int
-    mngr: Any
     say: Callable[[str], None]
     progress: bool
     stop: Callable[[], bool]
+    data: str
     infer_fn: Callable = field(repr=False)
-    chunk: Chunk = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """What one model of an experiment writes and reads on its own: its config (its
+    seed), its run folder and checkpoint writer, the positions of its training images in
+    the training set (None: all of them, in order) and its validation set."""
+
+    config: Config
+    folder: RunFolder
+    mngr: Any
+    train_index: jax.Array | None
+    validation: tuple[jax.Array, jax.Array] | None
+
+    @property
+    def workdir(self) -> Path:
+        return self.folder.path
+
+
+class Start(NamedTuple):
+    """Where one model starts: its state, history and position, the running sums of the
+    epoch it is inside, and whether the epoch it ended still awaits its evaluation."""
+
+    state: TrainState
+    history: list[dict[str, Any]]
+    position: Position
+    totals: dict[str, float]
+    pending: bool = False
 
 
 def zero_totals() -> dict[str, float]:
     return {"loss": 0.0, "errors": 0, "seconds": 0.0}
 
 
+def training_positions(config: Config, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The positions (in a training set of ``n``) of the images ``config`` trains on (None:
+    all of them) and of its validation images (None without a validation split)."""
+    kept, held = (None, None) if not config.validation_size else validation_split(n, config.validation_size, config.seed)
+    available = n if kept is None else len(kept)
+    if config.train_subset is not None:
+        if config.train_subset > available:
+            raise ConfigError(f"--train-subset {config.train_subset} is larger than the {available:,} training images")
+        kept = np.arange(config.train_subset) if kept is None else kept[: config.train_subset]
+    size = available if kept is None else len(kept)
+    if config.batch_size > size:
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the {size} training images")
+    return kept, held
+
+
 def fit(
     config: Config,
     dataset: Dataset,
-    workdir: Path | str,
+    workdir: Path | str | RunFolder,
     resume: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = True,
     stop: Callable[[], bool] = lambda: False,
 ) -> RunResult:
     """Train ``config`` on ``dataset``: checkpoints, the metrics log and the config go to
-    ``workdir`` (written by process 0 when there are several). Only one process may
-    train in a folder at a time.
+    ``workdir`` (written by process 0 when there are several; a ``RunFolder`` the caller
+    already holds is used as it is). Only one process may train in a folder at a time.
 
     ``stop`` is asked after every compiled chunk; when it says yes the run saves where it
-    is (mid-pass included) and returns, and ``resume=True`` later continues it with
+    is (mid-epoch included) and returns, and ``resume=True`` later continues it with
     bit-identical results."""
-    config.validate()
-    workdir = Path(workdir)
+    return _fit(config, [config.seed], dataset, workdir, resume, log, progress, stop, several=False)[0]
+
+
+def fit_seeds(
+    config: Config,
+    seeds: list[int],
+    dataset: Dataset,
+    workdir: Path | str | RunFolder,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    stop: Callable[[], bool] = lambda: False,
+) -> list[RunResult]:
+    """Train ``config`` once per seed, all seeds in one compiled program, each into
+    ``workdir/seed-S``; returns each seed's result. A stop request saves every seed where
+    it is; ``resume=True`` continues all of the run's seeds (``seeds`` must be exactly
+    the run's)."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds")
+    if config.devices > 1 or jax.process_count() > 1:
+        raise ConfigError("--seeds runs on one device (the seeds share it); drop --devices or run the seeds separately")
+    return _fit(config, seeds, dataset, workdir, resume, log, progress, stop, several=True)
+
+
+def _check_layout(root: Path, seeds: list[int], several: bool, resume: bool) -> None:
+    """Refuse, before anything is written, a folder that holds the other kind of run, or
+    a resume that names other seeds than the run has."""
+    existing = ckpt.seed_folders(root)
+    if several and ckpt.is_single_run(root):
+        raise ConfigError(f"--workdir {root} holds a run of one model; --seeds writes one folder per seed: choose another --workdir")
+    if not several and existing:
+        raise ConfigError(f"--workdir {root} holds a run of several seeds ({', '.join(p.name for p in existing.values())}): "
+                          f"resume it with --resume and no --seed, or give one seed's folder")
+    if several and resume and existing and sorted(existing) != sorted(seeds):
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: the run in {root} has seeds {','.join(map(str, existing))}; "
+                          "--resume continues all of them (give no --seeds)")
+
+
+def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str | RunFolder, resume: bool,
+         log: Callable[[str], None], progress: bool, stop: Callable[[], bool], several: bool) -> list[RunResult]:
+    config = resolve(config.validate())
+    configs = [config.replace(seed=s).validate() for s in seeds]
     primary = is_primary()
     say = log if primary else (lambda message: None)
-    images, labels, validation = training_split(config, dataset)
-    steps = len(labels) // config.batch_size
-    mesh = data_mesh(choose_devices(config.batch_size, config.devices))
-    template = create_state(config, steps)
+    root = workdir.path if isinstance(workdir, RunFolder) else Path(workdir)
+    n_train = len(dataset.train_labels)
+    positions = [training_positions(c, n_train) for c in configs]
+    size = n_train if positions[0][0] is None else len(positions[0][0])
+    updates = size // config.batch_size
+    mesh = data_mesh(1 if several else choose_devices(config.batch_size, config.devices))
+    strategy = Strategy.build(config, len(seeds), updates, mesh)
+    templates = create_states(config, updates, seeds)
     if primary:
-        workdir.mkdir(parents=True, exist_ok=True)
-    with exclusive(workdir) if primary else contextlib.nullcontext():
-        mngr = ckpt.manager(workdir / CHECKPOINTS)
-        try:
-            state, history, start, totals = start_or_resume(config, template, steps, mngr, resume, workdir, say)
-            if primary:
-                atomic_write_text(workdir / CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
-                write_metrics(workdir, history, say)
-            run = Run(
-                config=config, workdir=workdir,
-                images=put_replicated(pad_images(images), mesh), labels=put_replicated(labels, mesh),
-                validation=None if validation is None else (jax.device_put(validation[0]), jax.device_put(validation[1])),
-                test=(jax.device_put(dataset.test_images), jax.device_put(dataset.test_labels)),
-                mesh=mesh, steps=steps, chunk_len=math.ceil(steps / min(config.chunks, steps)), mngr=mngr, say=say,
-                progress=progress and primary, stop=stop, infer_fn=make_model(config, inference=True).apply,
-                chunk=chunk_function(config, steps, mesh),
-            )
-            return _train(run, put_replicated(state, mesh), history, start, totals)
-        finally:
-            mngr.close()
+        _check_layout(root, seeds, several, resume)
+    durable = ckpt.holds_checkpoints
+    with contextlib.ExitStack() as held:
+        top = workdir if isinstance(workdir, RunFolder) else held.enter_context(claim(root, lock=primary, durable=durable))
+        folders = [held.enter_context(claim(root / SEED_FOLDER.format(s), lock=primary, durable=durable)) for s in seeds] if several else [top]
+        managers = []
+        for folder in folders:
+            if primary and not (folder.path / CHECKPOINTS).exists():
+                folder.record(folder.path / CHECKPOINTS)
+            managers.append(held.enter_context(contextlib.closing(ckpt.writer(folder.path / CHECKPOINTS))))
+        starts = [start_or_resume(c, t, updates, m, resume, f.path, say) for c, t, m, f in zip(configs, templates, managers, folders)]
+        starts = _common_start(starts, configs, templates, updates, managers, folders, say) if several else starts
+        if primary:
+            for c, folder, s in zip(configs, folders, starts):
+                folder.create_file_if_new(CONFIG, json.dumps(c.to_dict(), indent=2) + "\n")
+                if not (folder.path / METRICS).exists():
+                    folder.record(folder.path / METRICS)
+                write_metrics(folder.path, s.history, say)
+        device = lambda x: put_replicated(x, mesh)  # noqa: E731
+        models = [
+            ModelRun(config=c, folder=f, mngr=m, train_index=None if kept is None else device(kept.astype(np.int32)),
+                     validation=None if held_out is None else (device(dataset.train_images[held_out]), device(dataset.train_labels[held_out])))
+            for c, f, m, (kept, held_out) in zip(configs, folders, managers, positions)
+        ]
+        experiment = Experiment(
+            config=config, images=device(pad_images(dataset.train_images)), labels=device(dataset.train_labels),
+            test=(device(dataset.test_images), device(dataset.test_labels)), mesh=mesh, strategy=strategy,
+            updates_per_epoch=updates, chunk_len=math.ceil(updates / min(config.chunks, updates)), say=say,
+            progress=progress and primary, stop=stop, data=dataset.source, infer_fn=make_model(config, inference=True).apply,
+        )
+        return _train(experiment, models, starts)
 
 
 def start_or_resume(
-    config: Config, template: TrainState, steps: int, mngr: Any, resume: bool, workdir: Path, say: Callable[[str], None]
-) -> tuple[TrainState, list[dict[str, Any]], Position, dict[str, float]]:
-    """The state, history, position and running sums a run starts from: a fresh state,
-    or with ``resume`` the newest checkpoint that loads and fits ``config``."""
+    config: Config, template: TrainState, updates: int, mngr: Any, resume: bool, workdir: Path, say: Callable[[str], None],
+    newest: int | None = None,
+) -> Start:
+    """Where one model starts: a fresh state, or with ``resume`` the newest checkpoint
+    (at most ``newest``) that loads and fits ``config``. A damaged step is moved aside,
+    never deleted."""
     if mngr.latest_step() is None:
         if resume:
             say(f"{workdir} holds no checkpoint yet: starting the run")
-        return template, [], Position(1, 0, steps), zero_totals()
+        return Start(template, [], Position(1, 0, updates), zero_totals())
     if not resume:
         raise CheckpointError(f"{workdir} already holds checkpoints: pass --resume to continue it or choose another --workdir")
 
     def check(record: dict[str, Any]) -> None:
-        if record.get("format") != ckpt.FORMAT:
-            raise CheckpointError(f"{workdir}: its checkpoints were written by an earlier lenet-jax (numbered by pass); "
+        if record.get("format") not in ckpt.RESUMABLE_FORMATS:
+            raise CheckpointError(f"{workdir}: its checkpoints were written by an earlier lenet-jax (numbered by epoch); "
                                   "eval.py reads them, but a run can only be resumed by the version that wrote it")
         if "config" not in record:
             raise CheckpointError(f"{workdir}: a checkpoint record without its config")
         conflicts = config.resume_conflicts(Config.from_dict(record["config"], f"{workdir} checkpoint"))
         if conflicts:
             raise CheckpointError("cannot resume, the checkpoint was written with different " + ", ".join(conflicts))
+        if ckpt.updates_of(record) != updates:
+            raise CheckpointError(f"{workdir}: the run has {ckpt.updates_of(record)} updates per epoch, this data gives {updates}")
 
-    step, state, record = ckpt.restore_newest_good(mngr, lambda record: template, check=check, log=say)
-    for broken in [s for s in mngr.all_steps() if s > step]:
-        mngr.delete(broken)
-    position = Position.of_step(int(state.step), steps)
+    def aside(step: int) -> str:
+        return f"moved to {ckpt.move_aside(mngr, step)}"
+
+    step, state, record = ckpt.restore_newest_good(mngr, lambda record: template, newest=newest, check=check, log=say, damaged=aside)
+    for newer in [s for s in mngr.all_steps() if s > step]:
+        say(f"checkpoint step {newer} is newer than the one resumed; {aside(newer)}")
+    position = Position.of_step(int(state.step), updates)
     if position.epoch > config.epochs:
         done = position.epoch if position.complete else position.epoch - 1
-        raise ValueError(f"--epochs {config.epochs}: the run in {workdir} has already completed {done} epochs"
-                         + ("" if position.complete else f" and is inside epoch {position.epoch}"))
-    totals = zero_totals() if position.complete else {k: record["totals"][k] for k in zero_totals()}
-    say(f"resuming {workdir} at {position.describe()}")
-    return state, list(record.get("history", [])), position, totals
+        raise ConfigError(f"--epochs {config.epochs}: the run in {workdir} has already completed {done} epochs"
+                          + ("" if position.complete else f" and is inside epoch {position.epoch}"))
+    pending = position.complete and "metrics" not in record and "totals" in record
+    totals = {k: record["totals"][k] for k in zero_totals()} if (pending or not position.complete) else zero_totals()
+    say(f"resuming {workdir} at {position.describe()}" + (" (its evaluation is still to do)" if pending else ""))
+    return Start(state, list(record.get("history", [])), position, totals, pending)
 
 
-def _train(run: Run, state: TrainState, history: list[dict[str, Any]], start: Position, totals: dict[str, float]) -> RunResult:
-    """The passes from ``start`` to the last, each saved when it completes; a stop
-    request saves mid-pass and returns."""
-    config = run.config
-    run.say(describe_run(config, state, run.steps * config.batch_size, run.mesh))
-    position = start
+def _common_start(starts: list[Start], configs: list[Config], templates: list[TrainState], updates: int, managers: list[Any],
+                  folders: list[RunFolder], say: Callable[[str], None]) -> list[Start]:
+    """The seeds of a run resume together, from the newest position all of them reached
+    (a run stopped while it saved its seeds has some a save ahead: those steps are moved
+    aside, never deleted, and computed again)."""
+    common = min(s.position.step for s in starts)
+    return [s if s.position.step == common else
+            start_or_resume(c, t, updates, m, True, f.path, say, newest=common)
+            for s, c, t, m, f in zip(starts, configs, templates, managers, folders)]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _train(exp: Experiment, models: list[ModelRun], starts: list[Start]) -> list[RunResult]:
+    """The epochs from where the models stand to the last, each saved when it completes;
+    a stop request saves every model where it is and returns."""
+    config, s = exp.config, exp.strategy
+    state = s.stack([start.state for start in starts])
+    histories = [start.history for start in starts]
+    start = starts[0].position
+    seeds = f"; seeds {','.join(str(m.config.seed) for m in models)}" if len(models) > 1 else ""
+    exp.say(describe_run(config, starts[0].state, exp.updates_per_epoch * config.batch_size, exp.mesh) + seeds)
+
+    def results(position: Position) -> list[RunResult]:
+        return [RunResult(s.unstack(state, r), histories[r], m.workdir, position, config.epochs) for r, m in enumerate(models)]
+
+    if starts[0].pending:
+        if _end_epoch(exp, models, state, histories, start, [st.totals for st in starts], saved=True):
+            return results(start)
     first = start.epoch + 1 if start.complete else start.epoch
+    position = start
     for epoch in range(first, config.epochs + 1):
         resumed = epoch == start.epoch
-        state, totals, done = _train_epoch(run, state, epoch, start.update if resumed else 0, totals if resumed else zero_totals())
-        position = Position(epoch, done, run.steps)
+        totals = [st.totals for st in starts] if resumed else [zero_totals() for _ in models]
+        state, totals, done = _train_epoch(exp, models, state, epoch, start.update if resumed else 0, totals)
+        position = Position(epoch, done, exp.updates_per_epoch)
         if not position.complete:
-            save_position(run, state, history, position, {"totals": totals})
-            run.say(f"stopped in epoch {epoch} after {done:,} of {run.steps:,} updates; checkpoint in {run.workdir / CHECKPOINTS}")
-            return RunResult(state, history, run.workdir, position, config.epochs)
-        row = evaluate_epoch(run, state, epoch, totals)
-        history = history + [row]
-        save_position(run, state, history, position, {"metrics": row})
-        if is_primary():
-            append_metrics(run.workdir, row, run.say)
-        val = f"  val {row['val_error']:.2%}" if "val_error" in row else ""
-        run.say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_error']:.2%}{val}"
-                f"  test {row['test_error']:.2%}  {row['seconds']:.1f}s")
-        if epoch < config.epochs and run.stop():
-            run.say(f"stopped after epoch {epoch}; checkpoint in {run.workdir / CHECKPOINTS}")
-            return RunResult(state, history, run.workdir, position, config.epochs)
-    return RunResult(state, history, run.workdir, position, config.epochs)
+            _save_all(exp, models, state, histories, position, [{"totals": t} for t in totals])
+            exp.say(f"stopped in epoch {epoch} after {done:,} of {exp.updates_per_epoch:,} updates; {_where(models)}")
+            return results(position)
+        if _end_epoch(exp, models, state, histories, position, totals, saved=False):
+            return results(position)
+        if epoch < config.epochs and exp.stop():
+            exp.say(f"stopped after epoch {epoch}; {_where(models)}")
+            return results(position)
+    return results(position)
+
+
+def _where(models: list[ModelRun]) -> str:
+    if len(models) == 1:
+        return f"checkpoint in {models[0].workdir / CHECKPOINTS}"
+    return f"checkpoints in {models[0].workdir.parent}/seed-*"
 
 
 def describe_run(config: Config, state: TrainState, images: int, mesh: Mesh) -> str:
@@ -217,7 +342,7 @@ def describe_run(config: Config, state: TrainState, images: int, mesh: Mesh) -> 
         f"training LeNet-5 ({config.head} head, {config.loss} loss, {parameters:,} parameters) "
         f"with {config.optimizer} on {images:,} {config.dataset} images, batch {config.batch_size}, {config.epochs} epochs, "
         f"on {mesh.size} {jax.devices()[0].platform} device(s){processes}; "
-        f"precision {config.precision}, convolutions {conv_impl_for(config)}, steps {step_impl_for(config)}"
+        f"precision {config.precision}, convolutions {config.conv_impl}, updates {config.step_impl}"
     )
 
 
@@ -229,67 +354,150 @@ def wait(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
-def _train_epoch(run: Run, state: TrainState, epoch: int, first: int, totals: dict[str, float]) -> tuple[TrainState, dict[str, float], int]:
-    """Updates ``first``.. of pass ``epoch``, chunk by chunk (the curvature refreshed
-    first when the pass starts); returns the state, the pass's running sums and how many
-    updates of it are done (fewer than all when a stop request came)."""
-    config = run.config
+def _train_epoch(exp: Experiment, models: list[ModelRun], state: TrainState, epoch: int, first: int,
+                 totals: list[dict[str, float]]) -> tuple[TrainState, list[dict[str, float]], int]:
+    """Updates ``first``.. of ``epoch`` for every model, chunk by chunk (the curvature
+    refreshed first when the epoch starts); returns the state, each model's running sums
+    and how many updates of the epoch are done (fewer than all when a stop request came)."""
+    s, config, updates = exp.strategy, exp.config, exp.updates_per_epoch
     t0 = time.perf_counter()
     if first == 0 and uses_curvature(state.opt_state):
-        state = refresh_curvature(state, run.images, run.labels, config, epoch)
-    batches = epoch_batches(config.seed, epoch, run.labels.shape[0], config.batch_size)
-    keys = step_keys(config.seed)
-    bs = config.batch_size
-    bar = tqdm(total=run.steps * bs, initial=first * bs, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not run.progress, leave=False)
+        state = s.refresh(state, exp.images, exp.labels, [m.config for m in models], [m.train_index for m in models], epoch)
+    n = exp.labels.shape[0] if models[0].train_index is None else models[0].train_index.shape[0]
+    batches = [epoch_batches(m.config.seed, epoch, n, config.batch_size) for m in models]
+    batches = [b if m.train_index is None else m.train_index[b] for b, m in zip(batches, models)]
+    keys = s.stack([update_key(m.config.seed) for m in models])
+    bs, r = config.batch_size, len(models)
+    bar = tqdm(total=updates * bs * r, initial=first * bs * r, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not exp.progress, leave=False)
     done = first
     try:
-        for c in range(first, run.steps, run.chunk_len):
-            chunk = batches[c : c + run.chunk_len]
-            state, m = run.chunk(state, run.images, run.labels, chunk, keys)
+        for c in range(first, updates, exp.chunk_len):
+            chunk = s.stack([b[c : c + exp.chunk_len] for b in batches])
+            state, m = s.chunk(state, exp.images, exp.labels, chunk, keys)
             m = wait(m)
-            done = c + chunk.shape[0]
-            if not bool(m["finite"]):
-                last = max(run.mngr.all_steps(), default=None)
-                where = f"{Position.of_step(last, run.steps).describe()} in {run.workdir / CHECKPOINTS}" if last is not None else "none"
-                raise FloatingPointError(f"the loss became NaN or infinite in epoch {epoch}, updates {c + 1}-{done} of {run.steps}; "
-                                         f"the last good checkpoint is {where}")
-            totals = {"loss": totals["loss"] + float(m["loss"]), "errors": totals["errors"] + int(m["errors"]), "seconds": totals["seconds"]}
-            bar.update(chunk.shape[0] * bs)
-            if done < run.steps and run.stop():
+            done = min(c + exp.chunk_len, updates)
+            finite = s.per_model(m["finite"])
+            if not finite.all():
+                raise Diverged(_divergence(models, finite, epoch, c, done, updates))
+            losses, errors = s.per_model(m["loss"]), s.per_model(m["errors"])
+            totals = [{"loss": t["loss"] + float(losses[i]), "errors": t["errors"] + int(errors[i]), "seconds": t["seconds"]}
+                      for i, t in enumerate(totals)]
+            bar.update((done - c) * bs * r)
+            if done < updates and exp.stop():
                 break
     finally:
         bar.close()
-    totals["seconds"] += time.perf_counter() - t0
-    return state, totals, done
+    elapsed = time.perf_counter() - t0
+    return state, [dict(t, seconds=t["seconds"] + elapsed) for t in totals], done
 
 
-def evaluate_epoch(run: Run, state: TrainState, epoch: int, totals: dict[str, float]) -> dict[str, Any]:
-    """The history row of a completed pass: its running training loss and error, its
-    seconds, and the test (and validation) loss and error after it."""
-    seen = run.steps * run.config.batch_size
+def _divergence(models: list[ModelRun], finite: np.ndarray, epoch: int, c: int, done: int, updates: int) -> str:
+    """The one line of a run whose loss or parameters stopped being finite: where, and
+    the last good checkpoint."""
+    bad = [m for m, ok in zip(models, finite) if not ok]
+    who = "" if len(models) == 1 else f" for seed(s) {','.join(str(m.config.seed) for m in bad)}"
+    last = max(bad[0].mngr.all_steps(), default=None)
+    if len(models) == 1:
+        where = f"{Position.of_step(last, updates).describe()} in {models[0].workdir / CHECKPOINTS}" if last is not None else "none"
+        good = f"the last good checkpoint is {where}"
+    else:
+        good = f"the last good checkpoints are in {models[0].workdir.parent}/seed-*" if last is not None else "no checkpoint was saved"
+    return f"the loss or the parameters became NaN or infinite{who} in epoch {epoch}, updates {c + 1}-{done} of {updates}; {good}"
+
+
+def _end_epoch(exp: Experiment, models: list[ModelRun], state: TrainState, histories: list[list[dict[str, Any]]],
+               position: Position, totals: list[dict[str, float]], saved: bool) -> bool:
+    """Evaluate every model after a completed epoch, save it with its row, log the rows
+    and check that no model answers at chance. A stop request between two models'
+    evaluations saves the models with the evaluation still to do (unless ``saved``: they
+    already are) and returns True."""
+    s, epoch = exp.strategy, position.epoch
+    rows, chance = [], []
+    for r, m in enumerate(models):
+        if r > 0 and exp.stop():  # each model's test set takes a while: many models must not delay a stop
+            if not saved:
+                _save_all(exp, models, state, histories, position, [{"totals": t} for t in totals])
+            exp.say(f"stopped at the end of epoch {epoch}, before its evaluation; {_where(models)}")
+            return True
+        row, at_chance = evaluate_epoch(exp, m, s.unstack(state, r), epoch, totals[r])
+        rows.append(row)
+        chance.append(at_chance)
+    for r, row in enumerate(rows):
+        histories[r] = histories[r] + [row]
+    if not saved:
+        _save_all(exp, models, state, histories, position, [{"metrics": row} for row in rows])
+    for m, row in zip(models, rows):
+        if is_primary():
+            append_metrics(m.workdir, row, exp.say)
+    if len(models) == 1:
+        row = rows[0]
+        val = f"  val {row['val_error']:.2%}" if "val_error" in row else ""
+        exp.say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_error']:.2%}{val}"
+                f"  test {row['test_error']:.2%}  {row['seconds']:.1f}s")
+    else:
+        errors = [row["test_error"] for row in rows]
+        exp.say(f"epoch {epoch:3d}  test " + "  ".join(f"{e:.2%}" for e in errors) + f"  (mean {statistics.mean(errors):.2%})  {rows[0]['seconds']:.1f}s")
+    if any(chance):
+        who = "" if len(models) == 1 else f" (seed(s) {','.join(str(m.config.seed) for m, c in zip(models, chance) if c)})"
+        line = (f"epoch {epoch}: the network answers at chance{who}: its units have likely saturated "
+                "(a learning rate too large for the initialisation, or a mu too small)")
+        if exp.config.stop_at_chance:
+            raise Diverged(f"{line}; stopped (the checkpoint of epoch {epoch} is kept; --no-stop-at-chance goes on)")
+        exp.say(f"warning: {line}")
+    return False
+
+
+def evaluate_epoch(exp: Experiment, model: ModelRun, state: TrainState, epoch: int, totals: dict[str, float]) -> tuple[dict[str, Any], bool]:
+    """The history row of a completed epoch (its running training loss and error, its
+    seconds, the test and validation loss and error after it), and whether the network
+    answers at chance: one class for every test digit, or a test error of at least
+    ``CHANCE_ERROR`` after an epoch of at least ``CHANCE_UPDATES`` updates."""
+    seen = exp.updates_per_epoch * exp.config.batch_size
     row: dict[str, Any] = {"epoch": epoch, "train_loss": totals["loss"] / seen, "train_error": totals["errors"] / seen, "seconds": totals["seconds"]}
     params = jax.device_get(state.params)
-    objective, batch = run.config.objective, run.config.eval_batch_size
-    if run.validation is not None:
-        v = evaluate(params, run.infer_fn, *run.validation, objective, batch)
+    objective, batch = exp.config.objective, exp.config.eval_batch_size
+    if model.validation is not None:
+        v = evaluate(params, exp.infer_fn, *model.validation, objective, batch)
         row.update(val_loss=v["loss"], val_error=v["error"])
-    t = evaluate(params, run.infer_fn, *run.test, objective, batch)
+    t = evaluate(params, exp.infer_fn, *exp.test, objective, batch)
     row.update(test_loss=t["loss"], test_error=t["error"])
-    return row
+    one_class = len(np.unique(t["predictions"])) == 1 and len(t["predictions"]) > 1
+    at_chance = one_class or (t["error"] >= CHANCE_ERROR and exp.updates_per_epoch >= CHANCE_UPDATES)
+    return row, at_chance
 
 
-def save_position(run: Run, state: TrainState, history: list[dict[str, Any]], position: Position, extra: dict[str, Any]) -> None:
-    record = {"epoch": position.epoch, "update": position.update, "steps_per_epoch": run.steps,
-              "config": run.config.to_dict(), "history": history, **extra}
-    ckpt.save(run.mngr, position.step, state, record)
-    ckpt.prune(run.mngr, run.config.keep)
+def _save_all(exp: Experiment, models: list[ModelRun], state: TrainState, histories: list[list[dict[str, Any]]], position: Position,
+              extras: list[dict[str, Any]]) -> None:
+    """Save every model at ``position``, then prune each: a run stopped while it saves
+    keeps every step the saved models had before."""
+    for r, m in enumerate(models):
+        record = {"epoch": position.epoch, "update": position.update, "updates_per_epoch": exp.updates_per_epoch,
+                  "config": m.config.to_dict(), "data": exp.data, "history": histories[r], **extras[r]}
+        ckpt.save(m.mngr, position.step, exp.strategy.unstack(state, r), record)
+    for m in models:
+        ckpt.prune(m.mngr, m.config.keep)
+
+
+# --------------------------------------------------------------------------- the metrics log
+
+
+def metrics_line(row: dict[str, Any]) -> str:
+    """One row as strict JSON: a value that is not a finite number is written as null,
+    and named in ``non_finite``."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    clean = {k: (None if k in bad else v) for k, v in row.items()}
+    if bad:
+        clean["non_finite"] = bad
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def write_metrics(workdir: Path, history: list[dict[str, Any]], say: Callable[[str], None]) -> None:
-    """The metrics log rewritten from the checkpointed history: each pass once, whatever
+    """The metrics log rewritten from the checkpointed history: each epoch once, whatever
     earlier runs of the folder appended."""
+    from lenet_jax.fileio import atomic_write_text
+
     try:
-        atomic_write_text(workdir / METRICS, "".join(json.dumps(row) + "\n" for row in history))
+        atomic_write_text(workdir / METRICS, "".join(metrics_line(row) for row in history))
     except OSError as e:
         say(f"warning: cannot write {workdir / METRICS} ({e.strerror or type(e).__name__}); the checkpoints hold the history")
 
@@ -297,64 +505,16 @@ def write_metrics(workdir: Path, history: list[dict[str, Any]], say: Callable[[s
 def append_metrics(workdir: Path, row: dict[str, Any], say: Callable[[str], None]) -> None:
     try:
         with open(workdir / METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(metrics_line(row))
     except OSError as e:
         say(f"warning: cannot write {workdir / METRICS} ({e.strerror or type(e).__name__}); the checkpoint of epoch {row['epoch']} holds it")
 
 
-# --------------------------------------------------------------------------- saved runs
+def seeds_table(results: dict[int, float]) -> str:
+    """Per-seed test errors, then their mean and sample standard deviation."""
+    lines = ["seed  test error"] + [f"{s:>4d}  {e:.2%}" for s, e in results.items()]
+    values = list(results.values())
+    spread = f" ± {statistics.stdev(values):.2%}" if len(values) > 1 else ""
+    lines.append(f"mean  {statistics.mean(values):.2%}{spread} over {len(values)} seed(s)")
+    return "\n".join(lines)
 
-
-def checkpoint_dir(path: Path | str) -> Path:
-    """Accept a run's workdir or its checkpoints folder."""
-    path = Path(path)
-    return path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-
-
-def _steps_per_epoch(config: Config, record: dict[str, Any]) -> int:
-    """Optimiser updates per pass of the run a record comes from (runs of an earlier
-    layout did not record it: their count is derived from a 60,000-image training set)."""
-    if "steps_per_epoch" in record:
-        return int(record["steps_per_epoch"])
-    n = 60_000 - config.validation_size
-    return max(1, (min(n, config.train_subset or n)) // config.batch_size)
-
-
-def restore_run(path: Path | str, which: str = "best", log: Callable[[str], None] = print) -> tuple[TrainState, Config, dict[str, Any]]:
-    """The state (its optimiser on the run's own schedule), config and record of a saved
-    pass ("best", "latest" or a pass number); if that one does not load, the newest older
-    one that does (the skipped ones are named)."""
-    mngr = ckpt.manager(checkpoint_dir(path), create=False)
-    try:
-        newest = ckpt.choose_step(mngr, which)
-
-        def target(record: dict[str, Any]) -> TrainState:
-            config = Config.from_dict(record.get("config"), f"{path} checkpoint")
-            return create_state(config, _steps_per_epoch(config, record))
-
-        _, state, record = ckpt.restore_newest_good(mngr, target, newest=newest, log=log, accept=ckpt.is_complete)
-    finally:
-        mngr.close()
-    return state, Config.from_dict(record["config"]), record
-
-
-def saved_config(workdir: Path, log: Callable[[str], None] = print) -> Config | None:
-    """The config of the run in ``workdir``: from its newest checkpoint that reads, else
-    from its config.json; None for a folder with neither."""
-    folder = workdir / CHECKPOINTS
-    if folder.is_dir():
-        mngr = ckpt.manager(folder, create=False)
-        try:
-            for step in sorted(mngr.all_steps(), reverse=True):
-                try:
-                    record = ckpt.read_record(mngr, step)
-                except Exception:  # the restore on resume names it
-                    continue
-                if "config" in record:
-                    return Config.from_dict(record["config"], f"{folder} step {step}")
-        finally:
-            mngr.close()
-    saved = workdir / CONFIG
-    if saved.is_file():
-        return load_config_file(saved)
-    return None

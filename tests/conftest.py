@@ -114,6 +114,41 @@ def one_line(capsys: pytest.CaptureFixture, code: int) -> str:
     return err[0]
 
 
+# --------------------------------------------------------------------------- an independent forward pass
+
+
+def numpy_rbf_penalties(params, images: np.ndarray, batch: int = 500) -> np.ndarray:
+    """LeNet-5 with the RBF head (the paper's configuration) evaluated in float64 numpy,
+    independently of the package's modules: the RBF penalties of uint8 (N, 28, 28) digits."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from lenet_jax.bitmaps import RBF_CENTRES
+    from lenet_jax.layers import C3_TABLE, connection_mask
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    f = lambda a: 1.7159 * np.tanh(2.0 / 3.0 * a)  # noqa: E731
+
+    def conv(x, k):  # x (N, H, W, C), k (kh, kw, C, F): 'VALID'
+        windows = sliding_window_view(x, k.shape[:2], axis=(1, 2))  # (N, Ho, Wo, C, kh, kw)
+        return np.einsum("nhwcij,ijcf->nhwf", windows, k)
+
+    def sub(x, q):
+        n, h, w, c = x.shape
+        return x.reshape(n, h // 2, 2, w // 2, 2, c).sum((2, 4)) * q["coefficient"] + q["bias"]
+
+    out = []
+    for start in range(0, len(images), batch):
+        x = -0.1 + np.pad(images[start : start + batch], ((0, 0), (2, 2), (2, 2))).astype(np.float64) * (1.275 / 255.0)
+        x = f(conv(x[..., None], p["C1"]["kernel"]) + p["C1"]["bias"])
+        x = f(sub(x, p["S2"]))
+        x = f(conv(x, p["C3"]["kernel"] * connection_mask(C3_TABLE, 6)) + p["C3"]["bias"])
+        x = f(sub(x, p["S4"]))
+        x = f(conv(x, p["C5"]["kernel"]) + p["C5"]["bias"]).reshape(len(x), -1)
+        x = f(x @ p["F6"]["kernel"] + p["F6"]["bias"])
+        out.append(((x[:, None, :] - np.asarray(RBF_CENTRES, np.float64)) ** 2).sum(-1))
+    return np.concatenate(out)
+
+
 # --------------------------------------------------------------------------- compiled estimators
 
 from lenet_jax import hessian  # noqa: E402

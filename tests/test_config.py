@@ -62,8 +62,13 @@ def test_a_config_survives_its_json():
 def test_presets_are_valid_and_named():
     assert set(PRESETS) >= {"paper", "paper-exact", "lush", "modern", "distort"}
     for name, p in PRESETS.items():
-        assert p.description and p.config().validate()
-    assert preset("paper") == Config()
+        assert p.description
+        p.config().validate()  # raises for a preset that is not a valid config
+    paper = preset("paper")  # the paper's setting, with the two documented departures (weights 2.4/F^0.6, half the step)
+    assert (paper.head, paper.loss, paper.optimizer, paper.batch_size, paper.epochs, paper.c3, paper.subsampling) == \
+        ("rbf", "map", "sdlm", 1, 20, "table", "trainable")
+    assert (paper.mu, paper.hessian_samples, paper.hessian_estimator, paper.schedule, paper.learning_rate) == (0.02, 500, "paper", "paper", 2.5e-4)
+    assert (paper.init_scale, paper.init_exponent, paper.activation, paper.distort, paper.dropout) == (2.4, 0.6, "scaled_tanh", False, 0.0)
     lush = preset("lush")
     assert (lush.init_scale, lush.init_exponent, lush.bias_init) == (1.0, 0.5, "zero")
     exact = preset("paper-exact")

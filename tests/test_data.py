@@ -112,10 +112,12 @@ def test_preprocess_end_points():
 
 @settings(max_examples=20, deadline=None)
 @given(arrays(np.uint8, (3, 28, 28)))
-def test_images_padded_once_preprocess_to_the_same_input(images):
+def test_images_padded_once_are_the_digit_in_a_two_pixel_border(images):
     padded = pad_images(jnp.asarray(images))
     assert padded.shape == (3, 32, 32) and padded.dtype == jnp.uint8
-    np.testing.assert_array_equal(preprocess(padded), preprocess(jnp.asarray(images)))
+    np.testing.assert_array_equal(padded, np.pad(images, ((0, 0), (2, 2), (2, 2))))  # padded independently, with numpy
+    expected = -0.1 + np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32) * np.float32(1.275 / 255)
+    np.testing.assert_allclose(np.asarray(preprocess(padded))[..., 0], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_preprocess_refuses_other_sizes():
@@ -213,15 +215,15 @@ def test_named_source_that_fails_says_so(tmp_path):
 
 
 def test_validation_split_is_fixed_by_seed_and_disjoint():
-    ds = Dataset(random_images(50), np.arange(50, dtype=np.int32) % 10, random_images(5), np.zeros(5, np.int32))
-    a_train, (a_img, a_lab) = data.split_validation(ds, 10, seed=3)
-    b_train, (b_img, _) = data.split_validation(ds, 10, seed=3)
-    np.testing.assert_array_equal(a_img, b_img)
-    assert len(a_train.train_labels) == 40 and len(a_lab) == 10
-    all_rows = {r.tobytes() for r in np.concatenate([a_train.train_images, a_img])}
-    assert len(all_rows) == 50
+    kept, held = data.validation_split(50, 10, seed=3)
+    again, held_again = data.validation_split(50, 10, seed=3)
+    np.testing.assert_array_equal(held, held_again)
+    np.testing.assert_array_equal(kept, again)
+    assert len(kept) == 40 and len(held) == 10
+    assert sorted(np.concatenate([kept, held]).tolist()) == list(range(50))  # disjoint, and every image is in one of them
+    assert not np.array_equal(held, data.validation_split(50, 10, seed=4)[1])
     with pytest.raises(DataError):
-        data.split_validation(ds, 50, seed=0)
+        data.validation_split(50, 50, seed=0)
 
 
 def test_real_mnist_has_the_standard_split(mnist):

@@ -22,6 +22,6 @@ def test_the_device_check_runs_every_stage_and_writes_its_summary(mnist, tmp_pat
     assert stages["tests"]["passed"] > 10 and stages["tests"]["failed"] == 0
     assert stages["training"]["epochs"][0]["epoch"] == 1
     assert stages["throughput"]["result"]["results"]["train_b1"]["best"] > 0
-    assert stages["compare"]["status"] == "ok" or stages["compare"]["status"].startswith("skipped")
+    assert stages["compare"]["status"] == "ok"  # CI installs PyTorch's CPU build for this stage
     text = (tmp_path / "summary.md").read_text()
     assert "| stage | status | seconds |" in text and "train_b1:" in text

@@ -6,7 +6,6 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -15,7 +14,7 @@ from lenet_jax.config import Config
 from lenet_jax.factories import create_state, make_schedule, step_impl_for
 from lenet_jax.inputs import pad_images
 from lenet_jax.sdlm import get_hessian, set_hessian
-from lenet_jax.steps import compiled_train_chunk, epoch_batches, step_keys
+from lenet_jax.steps import compiled_train_chunk, epoch_batches, refresh_curvature, update_key
 from lenet_jax.training import fit
 
 from conftest import QUIET, small
@@ -23,13 +22,12 @@ from conftest import QUIET, small
 
 @pytest.fixture(scope="module")
 def start(mnist):
-    """A state holding a curvature estimate (random and positive, so no refresh need compile)."""
-    config = Config()
+    """A state holding a refreshed curvature estimate (the paper's, over 100 patterns), as
+    every epoch of a run starts."""
+    config = Config(hessian_samples=100)
     images, labels = pad_images(jnp.asarray(mnist.train_images[:600])), jnp.asarray(mnist.train_labels[:600])
-    state = create_state(config, 600)
-    rng = np.random.default_rng(9)
-    estimate = jax.tree.map(lambda x: rng.uniform(0.0, 2.0, x.shape).astype(np.float32), state.params)
-    return config, images, labels, state.replace(opt_state=set_hessian(state.opt_state, estimate))
+    state = refresh_curvature(create_state(config, 600), images, labels, config, 1)
+    return config, images, labels, state
 
 
 def test_the_fused_kernel_computes_what_the_xla_path_computes(start):
@@ -38,7 +36,7 @@ def test_the_fused_kernel_computes_what_the_xla_path_computes(start):
     optimiser position."""
     config, images, labels, state = start
     batches = epoch_batches(0, 1, 600, 1)[:100]
-    xla, m_xla = compiled_train_chunk(jax.tree.map(jnp.copy, state), images, labels, batches, step_keys(0), objective=config.objective)
+    xla, m_xla = compiled_train_chunk(jax.tree.map(jnp.copy, state), images, labels, batches, update_key(0), objective=config.objective)
     got, m = fused.fused_train_chunk(jax.tree.map(jnp.copy, state), images, labels, batches, schedule=make_schedule(config, 600),
                                      mu=config.mu, j=config.map_j, interpret=True)
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(xla.params)):  # rounding scales with the largest entry
@@ -48,6 +46,25 @@ def test_the_fused_kernel_computes_what_the_xla_path_computes(start):
     count = optax.tree_utils.tree_get
     assert int(count(got.opt_state, "count")) == int(count(xla.opt_state, "count")) == 100  # the schedule moved on with the step
     chex.assert_trees_all_equal(get_hessian(got.opt_state), get_hessian(xla.opt_state))  # held for the pass
+
+
+def test_the_fused_kernel_steps_each_update_at_its_own_learning_rate(start):
+    """30 updates across the paper schedule's change of rate (10 updates per epoch: epoch 2
+    to 3 at update 20, 2.5e-4 to 1e-4) from the same state: the XLA path and the kernel
+    agree to 1e-6 relative, so one update stepped at its neighbour's rate would show."""
+    config, images, labels, state = start
+    at = dict(step=jnp.asarray(10, jnp.int32))
+    xla_state = create_state(config, 10)  # the optimiser of a run with 10 updates per epoch
+    xla_state = xla_state.replace(params=state.params, opt_state=optax.tree_utils.tree_set(
+        set_hessian(xla_state.opt_state, get_hessian(state.opt_state)), count=jnp.asarray(10, jnp.int32)), **at)
+    schedule = make_schedule(config, 10)
+    assert float(schedule(19)) != float(schedule(20))
+    batches = epoch_batches(0, 1, 600, 1)[:30]
+    xla, _ = compiled_train_chunk(jax.tree.map(jnp.copy, xla_state), images, labels, batches, update_key(0), objective=config.objective)
+    got, _ = fused.fused_train_chunk(jax.tree.map(jnp.copy, xla_state), images, labels, batches, schedule=schedule, mu=config.mu,
+                                     j=config.map_j, interpret=True)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(xla.params)):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * float(jnp.max(jnp.abs(b)))
 
 
 def test_packing_the_parameters_is_lossless(rbf_model):

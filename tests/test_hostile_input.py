@@ -24,7 +24,7 @@ from lenet_jax.cli.train import main as train_main
 from lenet_jax.config import Config
 from lenet_jax.errors import DataError, FolderBusy
 from lenet_jax.factories import make_model
-from lenet_jax.fileio import atomic_write, exclusive, new_run_folder
+from lenet_jax.fileio import atomic_write, claim, new_run_folder
 from lenet_jax.idx import read_idx
 from lenet_jax.predict import ImageError, predict_images, predict_stream, read_picture
 from lenet_jax.training import fit
@@ -234,7 +234,7 @@ def test_an_unwritable_log_is_a_warning_and_the_epoch_is_saved(mnist, tmp_path, 
 
     result = fit(Config(epochs=2, hessian_samples=10), small(mnist, 60, 50), work, log=say, progress=False)
     assert result.finished and any(m.startswith("warning: cannot write") for m in said)
-    mngr = ckpt.manager(work / "checkpoints")
+    mngr = ckpt.reader(work / "checkpoints")
     assert sorted(mngr.all_steps()) == [60, 120]
     mngr.close()
 
@@ -308,7 +308,7 @@ def test_figures_into_a_file_blames_figures(tmp_path, capsys):
 
 
 def test_a_second_training_in_the_same_folder_is_refused(mnist, tmp_path):
-    with exclusive(tmp_path):
+    with claim(tmp_path):
         with pytest.raises(FolderBusy, match="in use by another training process"):
             fit(Config(epochs=1), small(mnist, 10, 10), tmp_path, **QUIET)
 

@@ -41,8 +41,8 @@ def lowered_programs(config: Config) -> dict[str, str]:
     chunk = jax.jit(train_chunk, static_argnames=CHUNK_STATIC)
     batches = jnp.zeros((2, config.batch_size), jnp.int32)
     out = {"train": chunk.lower(state, images, labels, batches, jax.random.key(0), objective=config.objective).as_text()}
-    out["curvature"] = estimate_hessian.lower(state.params, images, labels, jnp.arange(2), jax.random.key(1), config.hessian_estimator,
-                                              curvature_model(config), config.objective, 2).as_text()
+    out["curvature"] = estimate_hessian.lower(state.params, images, labels, jnp.arange(2), jax.random.key(1), estimator=config.hessian_estimator,
+                                              model=curvature_model(config), objective=config.objective, probes=2).as_text()
     out["inference"] = evaluate_arrays.lower(state.params, make_model(config, inference=True).apply, images, labels, config.objective, 2).as_text()
     return out
 

@@ -8,15 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import chex
 import pytest
 
-from lenet_jax.checkpoint import Position
+from lenet_jax.checkpoint import Position, restore_run
 from lenet_jax.config import Config
 from lenet_jax.data import Dataset
-from lenet_jax.training import fit, restore_run
+from lenet_jax.factories import resolve
+from lenet_jax.training import fit
 
 from conftest import QUIET, ROOT
 
@@ -86,21 +87,37 @@ def test_resuming_with_other_settings_names_each_one(data, tmp_path):
 
 # --------------------------------------------------------------------------- real signals
 
-TRAIN = ["train.py", "--epochs", "2", "--train-subset", "3000", "--hessian-samples", "50", "--no-progress"]
+TRAIN = ["train.py", "--epochs", "2", "--train-subset", "3000", "--hessian-samples", "50"]
 
 
 def start(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, *TRAIN, *args], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TQDM_MININTERVAL="0")
+    return subprocess.Popen([sys.executable, *TRAIN, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def wait_for_epoch_one(proc: subprocess.Popen) -> list[str]:
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("epoch   1"):
-            return lines
-    raise AssertionError("train.py ended before epoch 1: " + "".join(lines) + proc.stderr.read()[-2000:])
+class Stream:
+    """A pipe read by a thread, so a test can wait for a piece of text to appear."""
+
+    def __init__(self, pipe) -> None:
+        self.text = ""
+        self._seen = threading.Condition()
+        threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
+
+    def _read(self, pipe) -> None:
+        for chunk in iter(lambda: pipe.read1(4096), b""):
+            with self._seen:
+                self.text += chunk.decode(errors="replace")
+                self._seen.notify_all()
+        with self._seen:
+            self.closed = True
+            self._seen.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        with self._seen:
+            if not self._seen.wait_for(lambda: text in self.text or getattr(self, "closed", False), timeout):
+                raise AssertionError(f"{text!r} did not appear within {timeout} s: {self.text[-2000:]}")
+            if text not in self.text:
+                raise AssertionError(f"the process ended before {text!r}: {self.text[-2000:]}")
 
 
 @pytest.mark.slow
@@ -108,14 +125,15 @@ def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(mnist, tmp_pa
     sig = signal.SIGTERM
     work = tmp_path / "run"
     proc = start("--workdir", str(work), "--chunks", "100", "--train-subset", "6000")
-    wait_for_epoch_one(proc)
-    time.sleep(0.3)  # past the end-of-epoch check, well inside epoch 2 (~2 s of 100 chunks)
+    out, err = Stream(proc.stdout), Stream(proc.stderr)
+    err.wait_for("epoch 2/2")  # epoch 2's progress bar: past the stop check after epoch 1, before its first chunk ends
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
-    assert f"{sig.name}: stopping after the current chunk" in err
-    assert "stopped in epoch 2 after" in out and f"to continue: python train.py --workdir {work} --resume" in out
-    assert len(list((work / "checkpoints").iterdir())) == 2  # pass 1 and the mid-pass step
+    proc.wait(timeout=300)
+    err.wait_for(f"{sig.name}: stopping after the current chunk")
+    out.wait_for("to continue:")
+    assert proc.returncode == 0, err.text[-2000:]
+    assert "stopped in epoch 2 after" in out.text and f"to continue: python train.py --workdir {work} --resume" in out.text
+    assert len(list((work / "checkpoints").iterdir())) == 2  # epoch 1 and the mid-epoch step
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "train.py", "--workdir", str(work), "--resume", "--no-progress"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -124,21 +142,24 @@ def test_sigterm_mid_epoch_checkpoints_exits_0_and_resumes_exactly(mnist, tmp_pa
     config = Config(epochs=2, train_subset=6000, hessian_samples=50)
     reference = fit(config, mnist, tmp_path / "straight", **QUIET)
     state, saved, _ = restore_run(work, "latest", log=lambda m: None)
-    assert saved.replace(chunks=10) == config
+    assert saved.replace(chunks=10) == resolve(config)
     chex.assert_trees_all_equal(reference.state.params, state.params)
 
 
 @pytest.mark.slow
 def test_sigint_asks_and_a_second_one_stops_at_once(mnist, tmp_path):
+    """The first SIGINT asks for a stop after the running chunk (here the whole of epoch 2,
+    one chunk); the second ends the process by the signal itself, before that chunk is
+    done: nothing is saved after epoch 1."""
     work = tmp_path / "run"
-    proc = start("--workdir", str(work), "--chunks", "1")  # one compiled chunk per epoch: ~1 s busy in XLA
-    wait_for_epoch_one(proc)
+    proc = start("--workdir", str(work), "--chunks", "1", "--train-subset", "12000", "--no-progress")  # a chunk of 2-3 s
+    out, err = Stream(proc.stdout), Stream(proc.stderr)
+    out.wait_for("epoch   1")
     proc.send_signal(signal.SIGINT)
-    assert proc.stderr.readline().startswith("SIGINT: stopping")
-    sent = time.perf_counter()
+    err.wait_for("SIGINT: stopping")
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGINT
-    assert time.perf_counter() - sent < 0.5  # did not wait for the chunk
-    assert [p.name for p in (work / "checkpoints").iterdir()] == ["3000"]  # pass 1 only: nothing saved after the second signal
+    assert [p.name for p in (work / "checkpoints").iterdir()] == ["12000"]  # epoch 1 only: the chunk of epoch 2 never finished
+    assert "stopped" not in out.text
     assert json.loads((work / "config.json").read_text())["epochs"] == 2

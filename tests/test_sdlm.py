@@ -15,6 +15,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from lenet_jax import hessian
 from lenet_jax.bitmaps import RBF_CENTRES
+from lenet_jax.config import Config
+from lenet_jax.factories import make_optimizer
 from lenet_jax.layers import AMPLITUDE, C3_TABLE, SLOPE, FullConnection, ScaledTanh, connection_mask
 from lenet_jax.losses import Objective, softmax_cross_entropy
 from lenet_jax.model import LeNet5, init_params
@@ -123,7 +125,52 @@ def test_sdlm_keeps_the_parameters_dtype(dtype):
 def test_a_bad_mu_is_refused_but_a_traced_one_is_not_checked():
     with pytest.raises(ValueError, match="mu must be positive"):
         scale_by_inverse_curvature(mu=0.0)
-    jax.jit(lambda mu: scale_by_inverse_curvature(mu).init({"w": jnp.ones(1)}))(jnp.asarray(0.1))
+
+    def step(mu: jax.Array) -> jax.Array:  # mu traced: built and applied without the check
+        tx = scale_by_inverse_curvature(mu)
+        updates, _ = tx.update({"w": jnp.full(2, 3.0)}, tx.init({"w": jnp.ones(2)}), hessian={"w": jnp.array([0.5, 1.0])})
+        return updates["w"]
+
+    chex.assert_trees_all_close(jax.jit(step)(jnp.asarray(0.25)), jnp.array([3.0 / 0.75, 3.0 / 1.25]))
+
+
+def test_sdlm_without_an_estimate_says_so_and_never_steps_silently():
+    params = {"w": jnp.ones(3)}
+    tx = sdlm(1e-3)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="sdlm has no curvature estimate"):
+        tx.update({"w": jnp.ones(3)}, state, params)
+    updates, _ = jax.jit(tx.update)({"w": jnp.ones(3)}, state, params)  # traced: the estimate cannot be looked at
+    assert bool(jnp.all(jnp.isnan(updates["w"])))
+    updates, _ = tx.update({"w": jnp.ones(3)}, set_hessian(state, {"w": jnp.zeros(3)}), params)
+    chex.assert_trees_all_close(updates["w"], jnp.full(3, -1e-3 / PAPER_MU))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_sdlm_on_the_other_schedules_steps_by_the_rate_of_each_update(schedule):
+    """The optimiser a config builds: SDLM's step -eta(t) g / (mu + h), eta(t) constant or
+    lr (1 + cos(pi t / T)) / 2 over the run's T updates, computed here by hand."""
+    config = Config(schedule=schedule, lr=1e-3, epochs=2)
+    params = {"w": jnp.ones(2)}
+    tx = make_optimizer(config, updates_per_epoch=5)
+    state = set_hessian(tx.init(params), {"w": jnp.array([0.0, 0.48])})
+    for t in range(10):
+        updates, state = tx.update({"w": jnp.array([1.0, 2.0])}, state, params)
+        eta = 1e-3 if schedule == "constant" else 1e-3 * (1 + np.cos(np.pi * t / 10)) / 2
+        chex.assert_trees_all_close(updates["w"], jnp.array([-eta / 0.02 * 1.0, -eta / 0.5 * 2.0]), rtol=1e-5, atol=1e-12)
+
+
+def test_momentum_is_sgd_with_a_velocity():
+    """--optimizer momentum: v <- m v + g, w <- w - lr v (the velocity carried between updates)."""
+    config = Config(optimizer="momentum", lr=0.1, momentum=0.9, schedule="constant")
+    params = {"w": jnp.zeros(2)}
+    tx = make_optimizer(config, updates_per_epoch=10)
+    state = tx.init(params)
+    velocity = np.zeros(2)
+    for g in ([1.0, -2.0], [0.5, 0.5], [-1.0, 3.0]):
+        updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        velocity = 0.9 * velocity + np.asarray(g)
+        chex.assert_trees_all_close(updates["w"], jnp.asarray(-0.1 * velocity, jnp.float32), rtol=1e-6)
 
 
 def test_estimators_are_registered_with_their_differentiation_mode():

@@ -3,19 +3,23 @@ step, exact resume, the kept steps, damaged checkpoints, divergence."""
 
 from __future__ import annotations
 
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from lenet_jax import checkpoint as ckpt
+from lenet_jax.checkpoint import restore_run
 from lenet_jax.config import Config
-from lenet_jax.factories import create_state
+from lenet_jax.factories import create_state, resolve
 from lenet_jax.inputs import pad_images
 from lenet_jax.layers import C3_TABLE, connection_mask
-from lenet_jax.steps import CHUNK_STATIC, epoch_batches, evaluate, evaluate_arrays, refresh_curvature, step_keys, train_chunk
-from lenet_jax.training import fit, restore_run
+from lenet_jax.steps import CHUNK_STATIC, epoch_batches, evaluate, evaluate_arrays, refresh_curvature, train_chunk, update_key
+from lenet_jax.training import fit
 
 from conftest import QUIET, small
 
@@ -76,7 +80,7 @@ def test_checkpoints_are_numbered_by_step_and_pruned(mnist, tmp_path):
     best_epoch = min(result.history, key=lambda r: (r["val_error"], r["epoch"]))["epoch"]
     assert steps == sorted({5 * best_epoch, 15})
     state, restored_config, record = restore_run(tmp_path, "latest")
-    assert record["epoch"] == 3 and restored_config == config
+    assert record["epoch"] == 3 and restored_config == resolve(config)  # the path that trained it, not "auto"
     chex.assert_trees_all_equal(state.params, result.state.params)
     _, _, best_record = restore_run(tmp_path, "best")
     assert best_record["epoch"] == best_epoch
@@ -99,12 +103,14 @@ def test_a_restored_state_carries_the_runs_own_schedule(mnist, tmp_path):
 
 
 def test_evaluation_takes_padded_images_too(rbf_model, mnist):
+    """32x32 images padded here with numpy (the background's pixel value, 0) evaluate as
+    the 28x28 ones the evaluation pads itself."""
     model, params = rbf_model
-    images, labels = jnp.asarray(mnist.test_images[:50]), jnp.asarray(mnist.test_labels[:50])
+    images, labels = mnist.test_images[:50], jnp.asarray(mnist.test_labels[:50])
     from lenet_jax.losses import Objective
 
-    plain = evaluate_arrays(params, model.apply, images, labels, Objective(), 20)
-    padded = evaluate_arrays(params, model.apply, pad_images(images), labels, Objective(), 20)
+    plain = evaluate_arrays(params, model.apply, jnp.asarray(images), labels, Objective(), 20)
+    padded = evaluate_arrays(params, model.apply, jnp.asarray(np.pad(images, ((0, 0), (2, 2), (2, 2)))), labels, Objective(), 20)
     chex.assert_trees_all_equal(plain, padded)
 
 
@@ -145,11 +151,45 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(mnist, tmp_path, fault
     config = Config(epochs=2, hessian_samples=20)
     fit(config, data, tmp_path, **QUIET)
     damage(tmp_path / "checkpoints" / "200", fault)
+    damaged = sorted(str(p.relative_to(tmp_path / "checkpoints" / "200")) for p in (tmp_path / "checkpoints" / "200").rglob("*"))
     said = []
-    _, _, record = restore_run(tmp_path, "latest", log=said.append)
+    _, _, record = restore_run(tmp_path, "latest", log=said.append)  # a reader: it names the step and touches nothing
     assert record["epoch"] == 1
     assert len(said) == 1 and said[0].startswith("skipping checkpoint step 200:")
+    assert (tmp_path / "checkpoints" / "200").is_dir()
+    said = []
     resumed = fit(config.replace(epochs=3), data, tmp_path, resume=True, log=said.append, progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    aside = tmp_path / "checkpoints" / "unloadable-200"  # moved aside, whole, never deleted
+    assert any(m.startswith("skipping checkpoint step 200:") and m.endswith(f"moved to {aside}") for m in said)
+    assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*")) == damaged
+    restored, _, record = restore_run(tmp_path, "latest", log=said.append)
+    assert record["epoch"] == 3 and int(restored.step) == 300
+
+
+@pytest.mark.slow
+def test_a_read_error_on_resume_stops_and_moves_or_deletes_nothing(mnist, tmp_path, monkeypatch):
+    """An OSError while reading the newest step (a flaky disk, a permission, NFS) is not
+    damage: the resume stops with one line and every step stays where it was."""
+    import errno
+
+    data = small(mnist, 100, 100)
+    config = Config(epochs=2, hessian_samples=20)
+    fit(config, data, tmp_path, **QUIET)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    real = ckpt.restore
+
+    def flaky(mngr, step, target):
+        if step == 200:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(mngr, step, target)
+
+    monkeypatch.setattr(ckpt, "restore", flaky)
+    with pytest.raises(ckpt.CheckpointReadError, match=r"reading step 200 failed \(OSError: \[Errno 5\] Input/output error\); nothing was skipped"):
+        fit(config.replace(epochs=3), data, tmp_path, resume=True, **QUIET)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before == ["100", "200"]
+    monkeypatch.setattr(ckpt, "restore", real)
+    resumed = fit(config.replace(epochs=3), data, tmp_path, resume=True, **QUIET)  # the disk is back: from step 200
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
 
 
@@ -176,5 +216,61 @@ def test_the_compiled_chunk_is_traced_once_for_a_whole_run(mnist):
         state = refresh_curvature(state, images, labels, config, epoch)
         batches = epoch_batches(config.seed, epoch, 60, 1)
         for c in range(0, 60, 20):
-            state, _ = chunk(state, images, labels, batches[c : c + 20], step_keys(config.seed), objective=config.objective)
+            state, _ = chunk(state, images, labels, batches[c : c + 20], update_key(config.seed), objective=config.objective)
     assert int(state.step) == 120
+
+
+def rewrite_record(step_folder, change) -> None:
+    """Edit the JSON record orbax wrote for a step, as an earlier version would have written it."""
+    path = step_folder / "record" / "metadata"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_runs_of_the_earlier_layouts_are_read(mnist, tmp_path):
+    """Format 2 named updates_per_epoch steps_per_epoch: read and resumed. The first
+    layout numbered steps by epoch, with no format: read (its updates per epoch derived
+    from a 60,000-image set), not resumed."""
+    data = small(mnist, 100, 100)
+    config = Config(epochs=1, hessian_samples=20)
+    fit(config, data, tmp_path / "v2", **QUIET)
+
+    def as_format_2(record):
+        record["format"], record["steps_per_epoch"] = 2, record.pop("updates_per_epoch")
+
+    rewrite_record(tmp_path / "v2" / "checkpoints" / "100", as_format_2)
+    state, _, record = restore_run(tmp_path / "v2", "latest")
+    assert record["epoch"] == 1 and int(state.step) == 100
+    resumed = fit(config.replace(epochs=2), data, tmp_path / "v2", resume=True, **QUIET)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+    old = tmp_path / "v1" / "checkpoints"  # written with orbax as the first version did: step = epoch
+    full = Config(epochs=2)
+    template = create_state(full, 60_000)
+    params = jax.tree.map(lambda p: p + 1.0, template.params)
+    mngr = ckpt.writer(old)
+    mngr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave(template.replace(params=params)),
+                                         record=ocp.args.JsonSave({"epoch": 2, "config": full.to_dict(), "history": []})))
+    mngr.wait_until_finished()
+    mngr.close()
+    state, restored_config, record = restore_run(tmp_path / "v1", "2")
+    assert record["epoch"] == 2 and restored_config == full
+    chex.assert_trees_all_equal(state.params, params)
+    with pytest.raises(ckpt.CheckpointError, match="written by an earlier lenet-jax"):
+        fit(full.replace(train_subset=100), data, tmp_path / "v1", resume=True, **QUIET)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", [dict(precision="bfloat16"), dict(conv_impl="patches"), dict(devices=1), dict(step_impl="fused")])
+def test_a_resume_may_change_how_the_run_executes(mnist, tmp_path, change):
+    data = small(mnist, 40, 100)
+    config = Config(epochs=1, hessian_samples=10)
+    fit(config, data, tmp_path, **QUIET)
+    resumed = fit(config.replace(epochs=2, **change), data, tmp_path, resume=True, **QUIET)
+    assert resumed.finished and [r["epoch"] for r in resumed.history] == [1, 2]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert all(saved[k] == v for k, v in change.items())
+    _, _, record = restore_run(tmp_path, "latest")
+    assert all(record["config"][k] == v for k, v in change.items())

@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lenet_jax.checkpoint import CHECKPOINTS, seed_folders
 from lenet_jax.cli import ArgumentParser, parse
 from lenet_jax.config import Config
 from lenet_jax.data import SOURCES, Dataset, load_dataset
-from lenet_jax.errors import command
+from lenet_jax.errors import ConfigError, command, path_error
 from lenet_jax.predict import MAX_PIXELS
 
 
@@ -30,11 +31,11 @@ def positive_int(text: str) -> int:
     return value
 
 
-def step_choice(text: str) -> str:
-    """--step: best, latest or a pass number."""
+def epoch_choice(text: str) -> str:
+    """--epoch: best, latest or an epoch number."""
     if text in ("best", "latest") or (text.isdigit() and int(text) >= 1):
         return text
-    raise argparse.ArgumentTypeError(f"invalid --step {text!r}: give best, latest or a pass number")
+    raise argparse.ArgumentTypeError(f"invalid --epoch {text!r}: give best, latest or an epoch number")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workdir", type=Path, help="a run folder written by train.py (default: the pretrained model)")
     where.add_argument("--checkpoint", type=Path, help="a checkpoints folder (or a run folder)")
-    parser.add_argument("--step", type=step_choice, default="best", help="which pass: best (lowest validation error, else latest), latest, or a number")
+    parser.add_argument("--epoch", type=epoch_choice, default="best",
+                        help="which completed epoch: best (lowest validation error, else latest), latest, or a number")
+    parser.add_argument("--step", type=epoch_choice, dest="step_alias", default=None, metavar="EPOCH",
+                        help="the earlier name of --epoch (it selects an epoch, not an update); it goes in a later version")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--image", type=Path, nargs="+", metavar="PATH",
                       help="predict the digit in these images (or the images in these folders), prepared like MNIST's digits")
@@ -62,12 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     path = args.workdir or args.checkpoint
+    which = args.epoch
+    if args.step_alias is not None:
+        print(f"note: --step {args.step_alias} selects epoch {args.step_alias} (checkpoints are numbered by update); "
+              "use --epoch, --step goes in a later version", file=sys.stderr)
+        which = args.step_alias
     if args.summary:
-        return run_summary(path, args.step, args.json)
+        return run_summary(path, which, args.json)
     if args.image:
-        return run_prediction(path, args.step, args.image, args.json, args.max_pixels)
+        return run_prediction(path, which, args.image, args.json, args.max_pixels)
     overrides = {"data_source": args.data_source, "data_dir": args.data_dir, "cache_dir": args.cache_dir}
-    return run_evaluation(path, args.step, args.json, overrides, args.figures)
+    return run_evaluation(path, which, args.json, overrides, args.figures)
 
 
 @dataclass
@@ -78,30 +87,40 @@ class LoadedModel:
     apply_fn: Callable
     config: Config
     epoch: int
+    update: int | None
     history: list[dict[str, Any]]
     name: str
 
 
+def single_run(path: Path | None) -> Path | None:
+    """``path``, refused when it is the folder of a several-seed run (which holds models)."""
+    if path is not None and not (path / CHECKPOINTS).is_dir() and seed_folders(path):
+        names = ", ".join(p.name for p in seed_folders(path).values())
+        raise ConfigError(f"{path} holds a run of several seeds ({names}): give one seed's folder, e.g. {path}/{next(iter(seed_folders(path).values())).name}")
+    return path
+
+
 def load_model(path: Path | None, which: str = "best") -> LoadedModel:
-    """The checkpoint of run/checkpoints folder ``path`` (pass ``which``), or the
-    pretrained model shipped with the package when ``path`` is None."""
+    """The checkpoint of run/checkpoints folder ``path`` (completed epoch ``which``), or
+    the pretrained model shipped with the package when ``path`` is None; its parameters
+    checked finite."""
     from lenet_jax import pretrained
+    from lenet_jax.checkpoint import restore_run
     from lenet_jax.factories import make_model
-    from lenet_jax.training import restore_run
 
     if path is None:
         params, config, meta = pretrained.load()
-        return LoadedModel(params, make_model(config, inference=True).apply, config, meta["epoch"], meta.get("history", []),
+        return LoadedModel(params, make_model(config, inference=True).apply, config, meta["epoch"], None, meta.get("history", []),
                            f"pretrained {pretrained.PRETRAINED.name}")
-    state, config, record = restore_run(path, which, log=lambda m: print(m, file=sys.stderr))
-    return LoadedModel(state.params, make_model(config, inference=True).apply, config, int(record["epoch"]),
+    state, config, record = restore_run(single_run(path), which, log=lambda m: print(m, file=sys.stderr))
+    return LoadedModel(state.params, make_model(config, inference=True).apply, config, int(record["epoch"]), int(state.step),
                        record.get("history", []), str(path))
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The human summary of an evaluation: loss, error, per-class error, confusion matrix."""
     lines = [
-        f"checkpoint: {report['checkpoint']} (epoch {report['checkpoint_step']})",
+        f"checkpoint: {report['checkpoint']} (epoch {report['epoch']}" + (f", update {report['update']:,})" if report.get("update") else ")"),
         f"test loss {report['test_loss']:.4f}  test error {report['test_error']:.2%} ({report['test_errors']} of {report['n_test']})",
         "per-class error: " + "  ".join(f"{d}:{e:.2%}" for d, e in enumerate(report["per_class_error"])),
         "confusion matrix (rows: true digit, columns: predicted):",
@@ -131,7 +150,7 @@ def run_summary(path: Path | None, which: str = "best", as_json: bool = False) -
     from lenet_jax.factories import make_model
     from lenet_jax.model import init_params, layer_table
 
-    config = pretrained.load()[1] if path is None else load_model(path, which).config
+    config = pretrained.load()[1] if path is None else load_model(single_run(path), which).config
     model = make_model(config)
     shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))  # the table needs shapes, not values
     rows = layer_table(shapes, model.c3_table)
@@ -147,8 +166,8 @@ def run_prediction(path: Path | None, which: str, images: list[Path], as_json: b
 
     paths = image_paths(images)
     if not paths:
-        raise ValueError("--image: no image files found in " + ", ".join(map(str, images)))
-    loaded = load_model(path, which)
+        raise ConfigError("--image: no image files found in " + ", ".join(map(str, images)))
+    loaded = load_model(single_run(path), which)
     total = failed = 0
     for r in predict_stream(loaded.params, loaded.apply_fn, loaded.config.objective, paths, max_pixels):
         total += 1
@@ -165,6 +184,13 @@ def run_prediction(path: Path | None, which: str, images: list[Path], as_json: b
 def write_figures(loaded: LoadedModel, dataset: Dataset, result: dict[str, Any], folder: Path) -> list[Path]:
     """The PNG figures of a model: error curves (from its history), confusion matrix,
     misclassified test digits, RBF bitmaps (RBF head) and C1/C3 maps of one test digit."""
+    try:
+        return _draw_figures(loaded, dataset, result, folder)
+    except OSError as e:
+        raise path_error(folder, e, "cannot write the figures") from None
+
+
+def _draw_figures(loaded: LoadedModel, dataset: Dataset, result: dict[str, Any], folder: Path) -> list[Path]:
     import jax
     import jax.numpy as jnp
 
@@ -196,7 +222,8 @@ def evaluation_report(loaded: LoadedModel, data_overrides: dict[str, Any] | None
     per_class = 1.0 - np.diag(confusion) / np.maximum(confusion.sum(1), 1)
     report = {
         "checkpoint": loaded.name,
-        "checkpoint_step": loaded.epoch,
+        "epoch": loaded.epoch,
+        **({"update": loaded.update} if loaded.update is not None else {}),
         "dataset": config.dataset,
         "test_error": r["error"],
         "test_loss": r["loss"],
@@ -216,20 +243,29 @@ def run_evaluation(
     dataset's test split; with ``figures``, write the PNG figures there too. A run of
     several seeds (``train.py --seeds``) is evaluated seed by seed, with the mean."""
     from lenet_jax.fileio import check_writable_folder
-    from lenet_jax.replicas import seed_folders, seeds_table
+    from lenet_jax.training import seeds_table
 
-    folders = seed_folders(path) if path is not None and not (path / "checkpoints").is_dir() else {}
+    folders = seed_folders(path) if path is not None and not (path / CHECKPOINTS).is_dir() else {}
     if folders:
         if figures is not None:
-            raise ValueError(f"--figures draws one model: give --workdir {path}/seed-S")
+            raise ConfigError(f"--figures draws one model: give --workdir {path}/seed-S")
         reports = {s: evaluation_report(load_model(folder, which), data_overrides)[0] for s, folder in folders.items()}
         errors = {s: r["test_error"] for s, r in reports.items()}
+        epochs = {s: r["epoch"] for s, r in reports.items()}
+        level = len(set(epochs.values())) == 1
+        values = list(errors.values())
         if as_json:
-            values = list(errors.values())
-            print(json.dumps({"seeds": reports, "mean_test_error": float(np.mean(values)),
-                              "std_test_error": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}))
-        else:
+            print(json.dumps({"seeds": reports, "epochs": epochs,
+                              "mean_test_error": float(np.mean(values)) if level else None,
+                              "std_test_error": (float(np.std(values, ddof=1)) if len(values) > 1 else 0.0) if level else None}))
+        elif level:
             print(seeds_table(errors))
+        else:
+            print("seed  epoch  test error\n" + "\n".join(f"{s:>4d}  {epochs[s]:>5d}  {e:.2%}" for s, e in errors.items()))
+        if not level:
+            where = ", ".join(f"seed {s}: {e}" for s, e in epochs.items())
+            print(f"note: the seeds stand at different epochs ({where}), so no mean is taken; "
+                  "resume the run to bring them level, or give --epoch N", file=sys.stderr)
         return 0
     if figures is not None:
         check_writable_folder(figures, "--figures")

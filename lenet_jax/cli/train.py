@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from lenet_jax.checkpoint import CHECKPOINTS, METRICS, holds_checkpoints, seed_folders
 from lenet_jax.cli import ArgumentParser, parse
-from lenet_jax.config import PRESETS, Config, field_type, preset
-from lenet_jax.errors import command
-from lenet_jax.fileio import check_writable_folder, new_run_folder
-from lenet_jax.replicas import seed_folders
+from lenet_jax.config import PRESETS, Config, field_type, flag, preset
+from lenet_jax.errors import ConfigError, command
+from lenet_jax.fileio import claim, new_run_folder
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 
@@ -27,6 +26,8 @@ def seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"invalid --seeds {text!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"invalid --seeds {text!r}: give distinct whole numbers, e.g. 0,1,2")
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"invalid --seeds {text!r}: seeds are 0 or more")
     return seeds
 
 
@@ -46,20 +47,19 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         kind, _ = field_type(f)
         default = f.default if defaults else argparse.SUPPRESS
-        flag = "--" + f.name.replace("_", "-")
         help = f.metadata["help"] + (f" ({', '.join(f.metadata['choices'])})" if "choices" in f.metadata else "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help)
         else:
-            parser.add_argument(flag, type=kind, default=default, help=help)
+            parser.add_argument(flag(f.name), type=kind, default=default, help=help)
     parser.add_argument("--seeds", type=seed_list, metavar="S,S,...",
                         help="train one model per seed (instead of --seed), all in one compiled program, each into WORKDIR/seed-S; "
                         "ends with the test error of each and their mean and spread")
     parser.add_argument("--workdir", type=Path, help="where checkpoints, metrics.jsonl and config.json go (default: a new runs/<date-time>)")
     parser.add_argument(
         "--resume", action="store_true",
-        help="continue the run in --workdir where it stopped (mid-pass included), with its saved options; options given here "
-        "override them (only the epochs, the step and how it runs may change)",
+        help="continue the run in --workdir where it stopped (mid-epoch included), with its saved options; options given here "
+        "override them (only the epochs, the learning rate and how it runs may change)",
     )
     parser.add_argument(
         "--distributed", action="store_true",
@@ -88,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 def resolve_config(args: argparse.Namespace, overrides: dict[str, Any], preset_given: bool) -> Config:
     """The config a command line asks for: the preset (or, with --resume, the run's saved
     config) with the options given on top, checked."""
-    from lenet_jax.training import saved_config
+    from lenet_jax.checkpoint import saved_config
 
     if args.resume:
         if args.workdir is None:
-            raise ValueError("--resume needs the --workdir of the run to continue")
+            raise ConfigError("--resume needs the --workdir of the run to continue")
         if preset_given:
-            raise ValueError("--preset starts a new run; --resume continues a run with its saved options (give only the ones to change)")
+            raise ConfigError("--preset starts a new run; --resume continues a run with its saved options (give only the ones to change)")
         if not args.workdir.is_dir():
-            raise ValueError(f"--workdir {args.workdir}: no such folder; --resume continues an existing run (check the path)")
+            raise ConfigError(f"--workdir {args.workdir}: no such folder; --resume continues an existing run (check the path)")
         folders = seed_folders(args.workdir)
         base = saved_config(next(iter(folders.values())) if folders else args.workdir) or preset(args.preset)
     else:
@@ -112,66 +112,47 @@ def run(args: argparse.Namespace, overrides: dict[str, Any], preset_given: bool)
     if args.resume and not seeds and seed_folders(args.workdir):
         seeds = list(seed_folders(args.workdir))
     if seeds and "seed" in overrides:
-        raise ValueError("give either --seed or --seeds")
-    created = args.workdir is None or not args.workdir.exists()
-    workdir = args.workdir or new_run_folder(Path("runs"), time.strftime("%Y%m%d-%H%M%S"))
-    try:
-        return train(config, workdir, resume=args.resume, progress=not args.no_progress, distributed=args.distributed, seeds=seeds)
-    except BaseException:
-        if created:
-            _remove_if_unused(workdir)
-        raise
+        raise ConfigError("give either --seed or --seeds")
+    return train(config, args.workdir, resume=args.resume, progress=not args.no_progress, distributed=args.distributed, seeds=seeds)
 
 
-def train(config: Config, workdir: Path, resume: bool = False, progress: bool = True, distributed: bool = False,
+def train(config: Config, workdir: Path | None, resume: bool = False, progress: bool = True, distributed: bool = False,
           seeds: list[int] | None = None) -> int:
-    """Train ``config`` into ``workdir`` (one model per seed of ``seeds``, if given) and
-    say where everything went. SIGTERM/SIGINT stop it cleanly with a checkpoint (exit 0);
-    a second one stops it at once."""
+    """Train ``config`` into ``workdir`` (a new ``runs/<date-time>`` when None; one model
+    per seed of ``seeds``, if given) and say where everything went.
+
+    The folder's lock is taken before anything is written, and held until the command
+    ends; a command that fails before its first checkpoint removes what it created, and
+    only that. SIGTERM/SIGINT stop training cleanly with a checkpoint (exit 0); a second
+    one stops it at once; one before training starts ends the command (exit 130)."""
     from lenet_jax.data import load_dataset
     from lenet_jax.parallel import initialize_distributed, is_primary
     from lenet_jax.preemption import StopRequest
-    from lenet_jax.replicas import fit_seeds, seeds_table
-    from lenet_jax.training import fit
+    from lenet_jax.training import fit, fit_seeds, seeds_table
 
-    initialize_distributed(distributed)
-    if is_primary():
-        check_writable_folder(workdir, "--workdir")
-    say = (lambda m: print(m, flush=True)) if is_primary() else (lambda m: None)
-    dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=say)
-    say(f"data: {dataset.source}")
+    with StopRequest() as stop:
+        initialize_distributed(distributed)
+        primary = is_primary()
+        created = workdir is None
+        workdir = workdir or new_run_folder(Path("runs"), time.strftime("%Y%m%d-%H%M%S"))
+        say = (lambda m: print(m, flush=True)) if primary else (lambda m: None)
+        with claim(workdir, lock=primary, created=created, durable=holds_checkpoints) as folder:
+            dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=say)
+            say(f"data: {dataset.source}")
+            with stop.asking():
+                if seeds:
+                    results = fit_seeds(config, seeds, dataset, folder, resume=resume, log=say, progress=progress, stop=stop)
+                else:
+                    results = [fit(config, dataset, folder, resume=resume, log=say, progress=progress, stop=stop)]
+    if not all(r.finished for r in results):
+        say(f"to continue: python train.py --workdir {workdir} --resume")
+        return 0
     if seeds:
-        with StopRequest() as stop:
-            results = fit_seeds(config, seeds, dataset, workdir, resume=resume, log=say, progress=progress, stop=stop)
-        if not all(r.finished for r in results):
-            say(f"to continue: python train.py --workdir {workdir} --resume")
-            return 0
         say(f"done after {results[0].position.epoch} epochs:\n" + seeds_table({s: r.history[-1]["test_error"] for s, r in zip(seeds, results)}))
         say(f"runs: {workdir}/seed-{{{','.join(map(str, seeds))}}}\nevaluate with: python eval.py --workdir {workdir}")
         return 0
-    with StopRequest() as stop:
-        result = fit(config, dataset, workdir, resume=resume, log=say, progress=progress, stop=stop)
-    if not result.finished:
-        say(f"to continue: python train.py --workdir {workdir} --resume")
-        return 0
-    last = result.history[-1] if result.history else {}
-    say(f"done: test error {last.get('test_error', float('nan')):.2%} after {result.position.epoch} epochs")
-    say(f"checkpoints: {workdir / 'checkpoints'}\nmetrics log: {workdir / 'metrics.jsonl'}")
+    last = results[0].history[-1] if results[0].history else {}
+    say(f"done: test error {last.get('test_error', float('nan')):.2%} after {results[0].position.epoch} epochs")
+    say(f"checkpoints: {workdir / CHECKPOINTS}\nmetrics log: {workdir / METRICS}")
     say(f"evaluate with: python eval.py --workdir {workdir}")
     return 0
-
-
-def _remove_if_unused(workdir: Path) -> None:
-    """Remove a run folder this command created when the run failed before saving any
-    checkpoint (its seed folders too), so failed runs leave no empty folders behind."""
-    for folder in [*seed_folders(workdir).values(), workdir]:
-        checkpoints = folder / "checkpoints"
-        if checkpoints.is_dir() and any(checkpoints.iterdir()):
-            return
-        for name in (".lock", "config.json", "metrics.jsonl"):
-            (folder / name).unlink(missing_ok=True)
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        try:
-            folder.rmdir()
-        except OSError:  # something else is in it: not ours to remove
-            pass
