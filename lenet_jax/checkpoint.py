@@ -407,6 +407,11 @@ def updates_per_epoch(config: Config, record: dict[str, Any]) -> int:
     return max(1, (min(n, config.train_subset or n)) // config.batch_size)
 
 
+READ_ATTEMPTS = 5
+"""A reader of a folder that is training chooses again when the run pruned the step it
+chose while it read it (a training saves and prunes several times a second on tiny data)."""
+
+
 def restore_run(path: Path | str, which: str = "best", log: Callable[[str], None] = print) -> tuple[Any, Config, dict[str, Any]]:
     """The state (its optimiser on the run's own schedule), config and record of a saved
     completed epoch ("best", "latest" or an epoch number), read-only; if that one does not
@@ -414,15 +419,21 @@ def restore_run(path: Path | str, which: str = "best", log: Callable[[str], None
     parameters are checked finite."""
     from lenet_jax.factories import create_state
 
+    def target(record: dict[str, Any]) -> Any:
+        config = Config.from_dict(record.get("config"), f"{path} checkpoint")
+        return create_state(config, updates_per_epoch(config, record))
+
     mngr = reader(checkpoint_dir(path))
     try:
-        newest = choose_step(mngr, which)
-
-        def target(record: dict[str, Any]) -> Any:
-            config = Config.from_dict(record.get("config"), f"{path} checkpoint")
-            return create_state(config, updates_per_epoch(config, record))
-
-        step, state, record = restore_newest_good(mngr, target, newest=newest, log=log, accept=is_complete)
+        for attempt in range(READ_ATTEMPTS):
+            before = set(mngr.all_steps())
+            try:
+                step, state, record = restore_newest_good(mngr, target, newest=choose_step(mngr, which), log=log, accept=is_complete)
+                break
+            except CheckpointError:
+                mngr.reload()
+                if attempt == READ_ATTEMPTS - 1 or set(mngr.all_steps()) == before:
+                    raise  # not a training that pruned what was chosen while it was read
     finally:
         mngr.close()
     if "epoch" not in record or "config" not in record:

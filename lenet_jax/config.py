@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ from lenet_jax.data import DATASETS, SOURCES
 from lenet_jax.distort import Distortion
 from lenet_jax.errors import ConfigError
 from lenet_jax.hessian import ESTIMATORS
-from lenet_jax.layers import ACTIVATIONS, BIAS_INITS
+from lenet_jax.inputs import SCALINGS
+from lenet_jax.layers import ACTIVATIONS, BIAS_INITS, COEFFICIENT_INITS
 from lenet_jax.losses import DEFAULT_J, LOSSES, Objective
 from lenet_jax.model import C3_KINDS, CONVS, HEADS, SUBSAMPLINGS
 from lenet_jax.precision import PRECISIONS
@@ -36,6 +39,7 @@ DEFAULT_LR = {"sdlm": PAPER_ETAS[0] / 2, "sgd": 1e-3, "momentum": 1e-3, "adam": 
 others this project's."""
 
 MAX_SEED = 2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def option(default: Any, help: str, **checks: Any) -> Any:
@@ -55,13 +59,21 @@ class Config:
     train_subset: int | None = option(None, "train on the first N training images only (quick runs)", minimum=1)
     validation_size: int = option(0, "hold out this many training images (fixed by --seed) to choose the best checkpoint; "
                                      "0 is the paper's protocol", minimum=0)
+    input_scaling: str = option("paper", "what background and ink become in the input: paper (-0.1 and 1.175) or lush (0 and 2.55: "
+                                         "pixel x 0.01, the authors' Lush demo)", choices=tuple(SCALINGS))
+    shuffle: bool = option(True, "shuffle the training patterns each epoch (from --seed); --no-shuffle keeps their stored order "
+                                 "(the authors' Lush demo)")
     # model and loss
-    head: str = option("rbf", "output layer: rbf (the paper's Euclidean RBF with fixed bitmaps) or softmax (trainable 84->10 logits)", choices=HEADS)
-    loss: str = option("map", "criterion: map or mse for the rbf head, xent for the softmax head", choices=LOSSES)
+    head: str = option("rbf", "output layer: rbf (the paper's Euclidean RBF with fixed bitmaps), softmax (trainable 84->10 "
+                              "logits) or squashed (10 squashed units fed by C5, no F6: the authors' Lush demo)", choices=HEADS)
+    loss: str = option("map", "criterion: map or mse for the rbf head, xent for the softmax head, edist (half the squared distance "
+                              "to the +-1 code of the label) for the squashed head", choices=LOSSES)
     map_j: float = option(DEFAULT_J, "the constant j of the MAP criterion (not given in the paper)", positive=True)
     init_scale: float = option(2.4, "weights start uniform in +-s/F**x, F the fan-in: this is s (the paper: 2.4)", positive=True)
     init_exponent: float = option(0.6, "... and this is x (the paper: 1, with which SDLM diverges here; docs/reproduction.md)", minimum=0.0)
-    bias_init: str = option("fan_in", "biases start like their unit's weights (fan_in) or at zero (the authors' later Lush code)", choices=BIAS_INITS)
+    bias_init: str = option("fan_in", "biases start like their unit's weights (fan_in) or at zero (the authors' Lush code)", choices=BIAS_INITS)
+    coefficient_init: str = option("fan_in", "S2/S4's coefficients start uniform like the weights (fan_in) or all at the bound s/F**x "
+                                             "of that range (fixed: the authors' Lush code, 0.5)", choices=COEFFICIENT_INITS)
     activation: str = option("scaled_tanh", "squashing function: scaled_tanh (the paper's 1.7159 tanh(2a/3)), relu or selu", choices=tuple(ACTIVATIONS))
     subsampling: str = option("trainable", "S2/S4: trainable (the paper's window sum x coefficient + bias), average or max", choices=SUBSAMPLINGS)
     c3: str = option("table", "C3's connections: table (the paper's table I) or dense (every S2 map)", choices=C3_KINDS)
@@ -85,8 +97,13 @@ class Config:
     weight_decay: float = option(0.0, "L2 weight decay on the weights (not the biases), added to the gradient", minimum=0.0)
     mu: float = option(PAPER_MU, "SDLM's mu in eta / (mu + h)", positive=True)
     hessian_estimator: str = option("paper", "SDLM's Hessian-diagonal estimate", choices=tuple(ESTIMATORS))
-    hessian_samples: int = option(500, "patterns the Hessian estimate averages over before each epoch", minimum=1)
-    hutchinson_probes: int = option(8, "random probes per pattern for --hessian-estimator hutchinson", minimum=1)
+    hessian_samples: int = option(500, "patterns the Hessian estimate averages over", minimum=1)
+    hessian_sample: str = option("random", "which patterns: random (drawn from --seed and the epoch: the paper's reading) or first "
+                                           "(the first ones in stored order: the authors' Lush demo)", choices=("random", "first"))
+    hessian_refresh: str = option("epoch", "when SDLM estimates the Hessian diagonal: before every epoch (the paper) or once, before "
+                                           "training (the authors' Lush demo)", choices=("epoch", "once"))
+    hutchinson_probes: int = option(8, "random probes per pattern for --hessian-estimator hutchinson (memory grows with it: "
+                                       "about 4 MB per probe)", minimum=1, maximum=1024)
     epochs: int = option(20, "epochs (passes over the training set)", minimum=1)
     batch_size: int = option(1, "patterns per update; 1 is the paper's pure stochastic mode", minimum=1)
     seed: int = option(0, "seed of the initial weights, the data order, the Hessian samples and the validation split", minimum=0, maximum=MAX_SEED)
@@ -103,14 +120,19 @@ class Config:
     precision: str = option("float32", "matrix products and convolutions: float32 (exact, on every backend), tf32 or bfloat16 "
                                        "(faster on GPUs and TPUs)", choices=PRECISIONS)
     chunks: int = option(10, "compiled pieces per epoch (progress-bar and stop-request granularity)", minimum=1)
-    stop_at_chance: bool = option(True, "stop (exit 1) when an epoch ends with the network answering at chance (one class for "
-                                        "every test digit, or 85%% test error or more after 1,000 updates); --no-stop-at-chance goes on")
+    stop_at_chance: bool = option(True, "stop (exit 1) when an epoch ends with the network answering at chance (one answer for half "
+                                        "the test digits or more, or 85%% test error or more after 1,000 updates); --no-stop-at-chance "
+                                        "goes on")
     eval_batch_size: int = option(1000, "batch size of evaluation", minimum=1)
     keep: int = option(3, "how many of the latest epoch checkpoints to keep (the best by validation error is kept too)", minimum=1)
 
     @property
     def learning_rate(self) -> float:
         return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+    def refreshes_curvature(self, epoch: int) -> bool:
+        """Whether SDLM's curvature estimate is taken before ``epoch``."""
+        return self.hessian_refresh == "epoch" or epoch == 1
 
     @property
     def objective(self) -> Objective:
@@ -213,6 +235,8 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
         raise ConfigError(f"{name} {value!r} is not one of: {', '.join(meta['choices'])}")
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")
+    if kind is float and abs(value) > FLOAT32_MAX:
+        raise ConfigError(f"{name} {value:g} is beyond the range of float32, in which the run computes (largest {FLOAT32_MAX:.3g})")
     if meta.get("positive") and not value > 0:
         raise ConfigError(f"{name} must be positive, got {value}")
     if "minimum" in meta and value < meta["minimum"]:
@@ -242,6 +266,12 @@ MODERN = dict(
     schedule="cosine", batch_size=16, dropout=0.25, weight_decay=1e-4, init_scale=2.45, init_exponent=0.5,
 )
 
+LUSH = dict(
+    input_scaling="lush", head="squashed", loss="edist", init_scale=1.0, init_exponent=0.5, bias_init="zero", coefficient_init="fixed",
+    hessian_refresh="once", hessian_sample="first", hessian_samples=100, mu=0.02, lr=1e-4, schedule="constant", shuffle=False,
+)
+"""The recipe of the authors' Lush demo, each setting read from the source (docs/reproduction.md, with file and line)."""
+
 PRESETS: dict[str, Preset] = {
     "paper": Preset(
         "the paper's LeNet-5 and training (batch-1 SDLM, MAP loss, RBF output), with this project's two documented "
@@ -250,8 +280,11 @@ PRESETS: dict[str, Preset] = {
         "the text's own settings: weights in +-2.4/F and the paper's global step 5e-4 (MAP j=5); diverges here, kept for the record",
         dict(init_exponent=1.0, lr=5e-4, map_j=5.0)),
     "lush": Preset(
-        "the initialisation of the authors' later Lush code: weights uniform in +-1/sqrt(F), zero biases",
-        dict(init_scale=1.0, init_exponent=0.5, bias_init="zero")),
+        "the authors' own LeNet-5 demo (Lush, gblearn2/demos/lenet5.lsh): input pixel x 0.01 on a 0 background, C5 feeding 10 "
+        "squashed outputs (no F6, no RBF), half the squared distance to +-1 codes, SDLM with one Hessian estimate before training "
+        "from the first 100 patterns, a constant learning rate of 1e-4, weights in +-1/sqrt(F), S2/S4 coefficients 0.5, zero "
+        "biases, the patterns in stored order",
+        LUSH),
     "modern": Preset(
         "every component swapped for its modern counterpart: ReLU, max pooling, dense C3, softmax cross-entropy, Adam 1e-3 "
         "with cosine decay over mini-batches of 16, dropout 0.25 on C5/F6, weight decay 1e-4, He-uniform weights",
@@ -262,15 +295,27 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is about 1.5 KB; one far larger is not one."""
+
+
 def load_config_file(path: Path | str) -> Config:
-    """A Config from a JSON file of options, such as a run's saved config.json."""
+    """A Config from a JSON file of options, such as a run's saved config.json. Only a
+    regular file of at most ``MAX_CONFIG_BYTES`` is read (a FIFO would block forever)."""
     path = Path(path)
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {info.st_size:,} bytes, too large for a file of options")
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not a file of options (JSON nested too deeply)") from None
     return Config.from_dict(data, str(path))
 
 
@@ -278,6 +323,6 @@ def preset(name: str) -> Config:
     """The preset called ``name``, or, if ``name`` is a JSON file, the config it holds."""
     if name in PRESETS:
         return PRESETS[name].config()
-    if name.endswith(".json") or Path(name).is_file():
+    if name.endswith(".json") or Path(name).exists():
         return load_config_file(name)
     raise ConfigError(f"--preset {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")

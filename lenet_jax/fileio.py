@@ -152,8 +152,8 @@ def claim(folder: Path, what: str = "training", lock: bool = True, created: bool
         yield RunFolder(folder, owner=False)
         return
     held = RunFolder(folder, owner=True)
-    missing = [p for p in [folder, *folder.parents] if not p.exists()]
     try:
+        missing = [p for p in [folder, *folder.parents] if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--workdir {folder}: not a writable folder ({e.strerror or type(e).__name__})") from None

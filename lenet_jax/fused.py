@@ -50,7 +50,7 @@ from lenet_jax.layers import C3_TABLE, connection_mask, scaled_tanh, squash_slop
 from lenet_jax.sdlm import get_hessian
 
 REQUIRED = dict(head="rbf", loss="map", activation="scaled_tanh", subsampling="trainable", c3="table", conv="plain",
-                optimizer="sdlm", batch_size=1, dropout=0.0, distort=False, weight_decay=0.0)
+                optimizer="sdlm", batch_size=1, dropout=0.0, distort=False, weight_decay=0.0, input_scaling="paper")
 """The settings the fused kernel implements (the paper's configuration at batch 1)."""
 
 SCALE = (INK - BACKGROUND) / 255.0

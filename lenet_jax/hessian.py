@@ -42,8 +42,9 @@ class CurvatureModel(Protocol):
 
     ``outputs(x)``: what the loss reads (squashed F6, or logits), (N, D).
     ``trace(x)``: ``(outputs, activations)``, the squashed output of every stage.
-    ``squared_network(x_squared, activations)``: the linear surrogate whose
-    vector-Jacobian product with squared parameters is the paper's recursion.
+    ``squared_network(x, activations)``: the linear surrogate whose vector-Jacobian
+    product with squared parameters is the paper's recursion (it squares the input x
+    itself, after whatever scaling the model applies to it).
     """
 
     def apply(self, variables: Mapping[str, Any], *args: Any, method: Any = None, **kwargs: Any) -> Any: ...
@@ -52,7 +53,7 @@ class CurvatureModel(Protocol):
 
     def trace(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]: ...
 
-    def squared_network(self, x_squared: jax.Array, activations: list[jax.Array]) -> jax.Array: ...
+    def squared_network(self, x: jax.Array, activations: list[jax.Array]) -> jax.Array: ...
 
 
 def _output_fn(model: CurvatureModel, x: jax.Array) -> Callable[[Params], jax.Array]:
@@ -89,7 +90,7 @@ def paper_diagonal(model: CurvatureModel, objective: Objective, params: Params, 
     squared = jax.tree.map(jnp.square, params)
 
     def surrogate(p: Params) -> jax.Array:
-        return model.apply({"params": p}, jnp.square(images), activations, method="squared_network")
+        return model.apply({"params": p}, images, activations, method="squared_network")
 
     _, vjp = jax.vjp(surrogate, squared)
     (total,) = vjp(output_diag)

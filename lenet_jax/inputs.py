@@ -15,6 +15,24 @@ INK = 1.175
 and its variance about 1 (section II-B)."""
 
 
+SCALINGS = {"paper": (BACKGROUND, INK), "lush": (0.0, 2.55)}
+"""What background and full ink become in the network's input: the paper's -0.1 and
+1.175, or the authors' Lush demo's pixel x 0.01 on a background of 0
+(``dsource-mnist ... 32 32 0 0.01``: 0 to 2.55)."""
+
+
+def rescale(x: jax.Array, scaling: str = "paper") -> jax.Array:
+    """An input prepared by ``preprocess`` (the paper's scale) on the scale ``scaling``
+    names, by the affine map that takes background and ink to its values; the paper's
+    scale is returned as it is."""
+    if scaling == "paper":
+        return x
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown input scaling {scaling!r}; choose from {', '.join(SCALINGS)}")
+    low, high = SCALINGS[scaling]
+    return low + (x - BACKGROUND) * ((high - low) / (INK - BACKGROUND))
+
+
 def pad_images(images: jax.Array) -> jax.Array:
     """uint8 (..., 28, 28) -> uint8 (..., 32, 32): the 2-pixel border in pixel value 0,
     which ``preprocess`` maps to the background. Training pads its dataset once, so each

@@ -45,6 +45,10 @@ def connection_mask(table: Sequence[Sequence[int]], n_inputs: int) -> np.ndarray
     return mask
 
 
+COEFFICIENT_INITS = ("fan_in", "fixed")
+"""How S2/S4's coefficients start: uniform like weights ("fan_in"), or all at the bound
+of that range ("fixed": the Lush code's ``idx-f1fill :coeff:x (/ v (** 4 (/ p)))``, 0.5)."""
+
 BIAS_INITS = ("fan_in", "zero")
 """How biases start: like the weights of their unit ("fan_in", the paper's rule as this
 project reads it), or at zero (the authors' later Lush code)."""
@@ -133,12 +137,15 @@ def window_sums(x: jax.Array, k: int) -> jax.Array:
 
 class TrainableSubsampling(nn.Module):
     """S2 and S4: each non-overlapping window summed, times a trainable coefficient, plus a
-    trainable bias, one pair per feature map (section II-B). Squashing is applied outside."""
+    trainable bias, one pair per feature map (section II-B). Squashing is applied outside.
+    The coefficients start drawn like weights, or (``coefficient_init="fixed"``) all at
+    the bound of that range."""
 
     window: int = 2
     init_exponent: float = 1.0
     init_scale: float = INIT_SCALE
     bias_init: str = "fan_in"
+    coefficient_init: str = "fan_in"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -146,7 +153,13 @@ class TrainableSubsampling(nn.Module):
         k = self.window
         if h % k or w % k:
             raise ValueError(f"subsampling window {k} does not tile a {h}x{w} map")
-        coefficient = self.param("coefficient", fan_in_uniform(k * k, self.init_exponent, self.init_scale), (c,))
+        if self.coefficient_init == "fixed":
+            start = nn.initializers.constant(self.init_scale / float(k * k) ** self.init_exponent)
+        elif self.coefficient_init == "fan_in":
+            start = fan_in_uniform(k * k, self.init_exponent, self.init_scale)
+        else:
+            raise ValueError(f"unknown coefficient initialisation {self.coefficient_init!r}; choose from {', '.join(COEFFICIENT_INITS)}")
+        coefficient = self.param("coefficient", start, (c,))
         bias = self.param("bias", bias_initializer(self.bias_init, k * k, self.init_exponent, self.init_scale), (c,))
         return window_sums(x, k) * coefficient + bias
 

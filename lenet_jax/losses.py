@@ -15,7 +15,7 @@ from lenet_jax import precision as prec
 from lenet_jax.bitmaps import RBF_CENTRES
 from lenet_jax.errors import ConfigError
 
-LOSSES = ("map", "mse", "xent")
+LOSSES = ("map", "mse", "xent", "edist")
 
 DEFAULT_J = 20.0
 """The MAP criterion's constant j (not given in the paper; this project's choice, see README)."""
@@ -39,6 +39,18 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)[..., 0]
 
 
+def target_codes(labels: jax.Array, n: int = 10, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """The +-1 code of each label: +1 for its class, -1 for the others (the Lush demo's
+    ``targets`` table, ``lenet5.lsh`` lines 88-97)."""
+    return 2.0 * jax.nn.one_hot(labels, n, dtype=dtype) - 1.0
+
+
+def edist_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+    """E = 0.5 sum_k (y_k - t_k)^2 per sample, t the +-1 code of the label: the half
+    squared Euclidean distance of Lush's ``edist-cost`` (``gb-modules.lsh`` 894-961)."""
+    return 0.5 * jnp.sum(jnp.square(outputs - target_codes(labels, outputs.shape[-1], outputs.dtype)), axis=-1)
+
+
 def _softmax_factor(p: jax.Array) -> jax.Array:
     """Rows sqrt(p_k) (e_k - p): their Gram matrix is diag(p) - p p^T (softmax Hessian)."""
     eye = jnp.eye(p.shape[-1], dtype=p.dtype)
@@ -47,9 +59,10 @@ def _softmax_factor(p: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class Objective:
-    """What is minimised: ``head`` in {"rbf", "softmax"}, ``loss`` in {"map", "mse"} for
-    the RBF head or "xent" for the softmax head, and the MAP constant ``j``;
-    ``precision`` is the policy of the products in its output curvature."""
+    """What is minimised: ``head`` in {"rbf", "softmax", "squashed"}, ``loss`` "map" or
+    "mse" for the RBF head, "xent" for the softmax head, "edist" for the squashed head,
+    and the MAP constant ``j``; ``precision`` is the policy of the products in its output
+    curvature. This is the one place where a head and a loss are checked to go together."""
 
     head: str = "rbf"
     loss: str = "map"
@@ -57,9 +70,9 @@ class Objective:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
-        allowed = {"rbf": ("map", "mse"), "softmax": ("xent",)}
+        allowed = {"rbf": ("map", "mse"), "softmax": ("xent",), "squashed": ("edist",)}
         if self.head not in allowed:
-            raise ConfigError(f"unknown head {self.head!r}; choose from rbf, softmax")
+            raise ConfigError(f"unknown head {self.head!r}; choose from {', '.join(allowed)}")
         if self.loss not in allowed[self.head]:
             raise ConfigError(f"the {self.head} head takes loss {' or '.join(allowed[self.head])}, not {self.loss!r}")
         if self.loss == "map" and not self.j > 0:
@@ -71,10 +84,13 @@ class Objective:
             return map_loss(scores, labels, self.j)
         if self.loss == "mse":
             return mse_loss(scores, labels)
+        if self.loss == "edist":
+            return edist_loss(scores, labels)
         return softmax_cross_entropy(scores, labels)
 
     def predict(self, scores: jax.Array) -> jax.Array:
-        """The predicted class: smallest penalty (RBF) or largest logit (softmax)."""
+        """The predicted class: smallest penalty (RBF), largest logit (softmax) or largest
+        squashed output (squashed: the nearest +-1 code, all codes being equally long)."""
         return jnp.argmin(scores, -1) if self.head == "rbf" else jnp.argmax(scores, -1)
 
     def curvature_factor(self, outputs: jax.Array, label: jax.Array) -> jax.Array:
@@ -87,9 +103,13 @@ class Objective:
         w.r.t. the penalties (PSD: a softmax over the 10 classes and the j slot); its
         negative part, sum_i dE/dy_i d2y_i/dx^2, is dropped.
         Softmax: the exact Hessian of cross-entropy w.r.t. the logits.
+        Squashed: the exact Hessian of 0.5 |y - t|^2 w.r.t. the outputs, the identity
+        (what Lush's ``edist-cost`` bbprop passes down: 1 per output).
         """
         if self.head == "softmax":
             return _softmax_factor(jax.nn.softmax(outputs))
+        if self.head == "squashed":
+            return jnp.eye(outputs.shape[-1], dtype=outputs.dtype)
         dim = outputs.shape[-1]
         quadratic = jnp.sqrt(2.0) * jnp.eye(dim, dtype=outputs.dtype)
         if self.loss == "mse":

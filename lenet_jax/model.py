@@ -2,8 +2,10 @@
 
 Every trainable layer is followed by the squashing function. The network's *output*
 (what the loss and the curvature estimators see) is the squashed F6 vector for the RBF
-head, and the logits for the softmax head; its *scores* (``__call__``) are the RBF
-penalties (lower is better) or the logits (higher is better).
+head, the logits for the softmax head, and the ten squashed output units for the
+squashed head (the authors' Lush demo: C5 feeds them directly, there is no F6); its
+*scores* (``__call__``) are the RBF penalties (lower is better), the logits or the
+squashed outputs (higher is better).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lenet_jax.inputs import SCALINGS, rescale
 from lenet_jax.layers import (
     ACTIVATIONS,
     C3_TABLE,
+    COEFFICIENT_INITS,
     INIT_SCALE,
     EuclideanRBF,
     FixedSubsampling,
@@ -27,12 +31,13 @@ from lenet_jax.layers import (
     TrainableSubsampling,
 )
 
-HEADS = ("rbf", "softmax")
+HEADS = ("rbf", "softmax", "squashed")
 SUBSAMPLINGS = ("trainable", "average", "max")
 C3_KINDS = ("table", "dense")
 CONVS = ("plain", "separable")
 STAGES = ("C1", "S2", "C3", "S4", "C5", "F6")
-"""The trainable layers in order; each is followed by the squashing function."""
+"""The trainable layers in order; each is followed by the squashing function. The
+squashed head has ``output`` (10 units) where the others have F6."""
 
 Params = Any
 
@@ -40,8 +45,14 @@ Params = Any
 class LeNet5(nn.Module):
     """LeNet-5 on a (..., 32, 32, 1) input.
 
-    head: ``"rbf"`` for the paper's Euclidean RBF output with fixed digit bitmaps, or
-    ``"softmax"`` for a trainable 84 -> 10 layer read as logits (the modern default).
+    head: ``"rbf"`` for the paper's Euclidean RBF output with fixed digit bitmaps,
+    ``"softmax"`` for a trainable 84 -> 10 layer read as logits (the modern default), or
+    ``"squashed"`` for ten squashed units fed by C5 directly, no F6 (the authors' Lush
+    demo, read against +-1 target codes).
+    input_scaling: ``"paper"`` (the input as ``inputs.preprocess`` makes it) or ``"lush"``
+    (mapped to pixel x 0.01 on a 0 background first; ``inputs.rescale``).
+    coefficient_init: S2/S4's coefficients uniform like weights (``"fan_in"``) or all at
+    the bound of that range (``"fixed"``; the Lush code's 0.5).
     init_scale, init_exponent: weights start uniform in +-init_scale / F**init_exponent,
     F the fan-in (2.4 and 1: the paper).
     conv_impl: how C1, C3 and C5 are computed ("xla", "patches" or "custom_vjp", the same
@@ -69,6 +80,8 @@ class LeNet5(nn.Module):
     c3: str = "table"
     conv: str = "plain"
     dropout: float = 0.0
+    input_scaling: str = "paper"
+    coefficient_init: str = "fan_in"
 
     @property
     def c3_table(self) -> tuple[tuple[int, ...], ...] | None:
@@ -77,7 +90,7 @@ class LeNet5(nn.Module):
 
     def setup(self) -> None:
         for name, allowed in (("head", HEADS), ("activation", tuple(ACTIVATIONS)), ("subsampling", SUBSAMPLINGS),
-                              ("c3", C3_KINDS), ("conv", CONVS)):
+                              ("c3", C3_KINDS), ("conv", CONVS), ("input_scaling", tuple(SCALINGS)), ("coefficient_init", COEFFICIENT_INITS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
         if not 0 <= self.dropout < 1:
@@ -93,35 +106,44 @@ class LeNet5(nn.Module):
             self.C3 = MaskedConv(features=16, table=self.c3_table, **init, **conv)
             self.C5 = MaskedConv(features=120, **init, **conv)
         self.S4 = self._subsampling()
-        self.F6 = FullConnection(features=84, precision=self.precision, **init)
+        if self.head != "squashed":
+            self.F6 = FullConnection(features=84, precision=self.precision, **init)
         self.squash = ACTIVATIONS[self.activation]()
         self.drop = nn.Dropout(rate=self.dropout)
-        if self.head == "softmax":
+        if self.head in ("softmax", "squashed"):
             self.output = FullConnection(features=10, precision=self.precision, **init)
         else:
             self.rbf = EuclideanRBF()
 
     def _subsampling(self) -> nn.Module:
         if self.subsampling == "trainable":
-            return TrainableSubsampling(init_exponent=self.init_exponent, init_scale=self.init_scale, bias_init=self.bias_init)
+            return TrainableSubsampling(init_exponent=self.init_exponent, init_scale=self.init_scale, bias_init=self.bias_init,
+                                        coefficient_init=self.coefficient_init)
         return FixedSubsampling(kind=self.subsampling)
 
-    def _stages(self) -> list[nn.Module]:
-        return [getattr(self, name) for name in STAGES]
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The squashed stages in order: C1..C5, then F6 (or the output units of the
+        squashed head)."""
+        return STAGES[:5] + (("output",) if self.head == "squashed" else ("F6",))
 
-    def _apply_stage(self, stage: nn.Module, x: jax.Array, squared: bool = False, reference: jax.Array | None = None) -> jax.Array:
-        if stage is self.F6:
+    def _stages(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.stage_names]
+
+    def _apply_stage(self, i: int, stage: nn.Module, x: jax.Array, squared: bool = False, reference: jax.Array | None = None) -> jax.Array:
+        if i == 5:
             x = x.reshape(x.shape[:-3] + (-1,))  # C5's 1x1x120 maps as a vector
         if isinstance(stage, FixedSubsampling):
             return stage(x, squared=squared, reference=reference)
         return stage(x)
 
     def activations(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-        """The squashed output of every stage C1..F6, in order (with dropout on C5 and F6
-        when ``train``)."""
+        """The squashed output of every stage (``stage_names``), in order (with dropout on
+        C5 and F6 when ``train``)."""
         outs = []
-        for name, stage in zip(STAGES, self._stages()):
-            x = self.squash(self._apply_stage(stage, x))
+        x = rescale(x, self.input_scaling)
+        for i, (name, stage) in enumerate(zip(self.stage_names, self._stages())):
+            x = self.squash(self._apply_stage(i, stage, x))
             if self.dropout and name in ("C5", "F6"):
                 x = self.drop(x, deterministic=not train)
             outs.append(x)
@@ -133,18 +155,19 @@ class LeNet5(nn.Module):
         return (self.output(acts[-1]) if self.head == "softmax" else acts[-1]), acts
 
     def outputs(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """What the loss reads: squashed F6 (RBF head) or the logits (softmax head)."""
+        """What the loss reads: squashed F6 (RBF head), the logits (softmax head) or the
+        ten squashed outputs (squashed head)."""
         return self.trace(x, train)[0]
 
     def scores(self, outputs: jax.Array) -> jax.Array:
-        """Class scores from ``outputs``: RBF penalties, or the logits unchanged."""
-        return outputs if self.head == "softmax" else self.rbf(outputs)
+        """Class scores from ``outputs``: RBF penalties, or the outputs unchanged."""
+        return self.rbf(outputs) if self.head == "rbf" else outputs
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Class scores; ``train`` turns dropout on (it needs a "dropout" rng)."""
         return self.scores(self.outputs(x, train))
 
-    def squared_network(self, x_squared: jax.Array, activations: list[jax.Array]) -> jax.Array:
+    def squared_network(self, x: jax.Array, activations: list[jax.Array]) -> jax.Array:
         """A linear surrogate whose vector-Jacobian product is the paper's diagonal
         second-derivative back-propagation (section II-D / appendix C, Gauss-Newton).
 
@@ -156,9 +179,9 @@ class LeNet5(nn.Module):
         what reverse-mode differentiation computes, without a second hand-written
         backward pass. ``activations`` are those of the real forward pass on x.
         """
-        u = x_squared
+        u = jnp.square(rescale(x, self.input_scaling))
         for i, (stage, act) in enumerate(zip(self._stages(), activations)):
-            a = self._apply_stage(stage, u, squared=True, reference=activations[i - 1] if i else None)
+            a = self._apply_stage(i, stage, u, squared=True, reference=activations[i - 1] if i else None)
             gain = jnp.square(self.squash.derivative_from_output(act))
             u = jax.lax.stop_gradient(jnp.square(act)) + jax.lax.stop_gradient(gain) * (a - jax.lax.stop_gradient(a))
         return self.output(u) if self.head == "softmax" else u
@@ -173,7 +196,7 @@ def layer_table(params: Params, c3_table: tuple[tuple[int, ...], ...] | None = C
     """
     shapes = {"C1": (28, 28, 6), "S2": (14, 14, 6), "C3": (10, 10, 16), "S4": (5, 5, 16), "C5": (1, 1, 120), "F6": (84,)}
     rows = []
-    for name in STAGES:
+    for name in STAGES if "F6" in params or "output" not in params else STAGES[:5]:
         n = count_parameters({name: params[name]}, c3_table) if name in params else 0
         positions = int(np.prod(shapes[name][:-1])) if len(shapes[name]) > 1 else 1
         if name.startswith("S"):
@@ -183,7 +206,8 @@ def layer_table(params: Params, c3_table: tuple[tuple[int, ...], ...] | None = C
         rows.append({"layer": name, "output": shapes[name], "parameters": n, "connections": connections})
     if "output" in params:
         n = count_parameters(params["output"])
-        rows.append({"layer": "output (softmax)", "output": (10,), "parameters": n, "connections": n})
+        kind = "squashed" if "F6" not in params else "softmax"
+        rows.append({"layer": f"output ({kind})", "output": (10,), "parameters": n, "connections": n})
     else:
         rows.append({"layer": "output (RBF)", "output": (10,), "parameters": 0, "connections": 840})
     return rows

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lenet_jax.errors import DataError
 from lenet_jax.inputs import preprocess
 from lenet_jax.losses import Objective
 
@@ -45,7 +46,7 @@ BATCH = 512
 """Images per network call when predicting a folder."""
 
 
-class ImageError(ValueError):
+class ImageError(DataError):
     """An image that cannot be read or holds no digit; the message names the file."""
 
 
@@ -59,15 +60,18 @@ class Picture:
     frames: int = 1
 
 
-def _grey(im: Any) -> np.ndarray:
+def _grey(im: Any, where: Path) -> np.ndarray:
     """One Pillow frame as floats in [0, 255]: 16-bit and 32-bit grey scaled (not clipped)
-    to 8 bits, transparency composited over white."""
+    to 8 bits, transparency composited over white; an ImageError naming ``where`` for a
+    frame whose values are not all finite numbers (a float TIFF can hold NaN or infinity)."""
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(im, np.float64) / 257.0
     if im.mode in ("I", "F"):
         values = np.asarray(im, np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ImageError(f"{where}: holds pixel values that are NaN or infinite")
         top = 65535.0 if values.max(initial=0) > 255 else 255.0  # 16-bit PNGs open as "I" in some Pillow versions
         return np.clip(values, 0, top) * (255.0 / top)
     if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
@@ -109,7 +113,7 @@ def read_picture(path: Path | str, max_pixels: int = MAX_PIXELS) -> Picture:
                 frames = getattr(im, "n_frames", 1)
                 for frame in range(frames):
                     im.seek(frame)
-                    grey = _grey(ImageOps.exif_transpose(im) if frame == 0 else im.copy())
+                    grey = _grey(ImageOps.exif_transpose(im) if frame == 0 else im.copy(), path)
                     if frames == 1 or _has_ink(grey):
                         return Picture(grey, frame if frames > 1 else None, frames)
                 raise ImageError(f"{path}: no digit found in any of its {frames} frames")
@@ -187,8 +191,8 @@ def image_paths(inputs: Iterable[Path | str]) -> list[Path]:
 @dataclass
 class Prediction:
     """What the network says about one image: the class, the ten scores (RBF penalties,
-    lower is better, or softmax probabilities), the confidence margin (runner-up
-    penalty minus the winner's, or the winner's probability minus the runner-up's), and
+    lower is better; softmax probabilities; or the squashed head's outputs, higher is
+    better), the confidence margin (between the winner's score and the runner-up's), and
     for an animated image the frame read."""
 
     path: str
@@ -212,6 +216,9 @@ def predict_digits(
         scores = np.asarray(jax.nn.softmax(scores, axis=-1))
         ranked = -np.sort(-scores, axis=-1)
         return scores.argmax(-1), scores, ranked[:, 0] - ranked[:, 1], "probabilities"
+    if objective.head == "squashed":
+        ranked = -np.sort(-scores, axis=-1)
+        return scores.argmax(-1), scores, ranked[:, 0] - ranked[:, 1], "outputs"
     ranked = np.sort(scores, axis=-1)
     return scores.argmin(-1), scores, ranked[:, 1] - ranked[:, 0], "rbf_penalties"
 
@@ -262,7 +269,7 @@ def format_prediction(p: Prediction) -> str:
     """One line per image: the class, its margin and the ten scores (and the frame read)."""
     if p.error is not None:
         return f"error: {p.error}"
-    label = "penalties" if p.score_kind == "rbf_penalties" else "probabilities"
+    label = {"rbf_penalties": "penalties", "probabilities": "probabilities"}.get(p.score_kind, "outputs")
     scores = " ".join(f"{d}:{v:.3g}" for d, v in enumerate(p.scores or []))
     frame = f" [frame {p.frame}]" if p.frame is not None else ""
     return f"{p.path}{frame}: {p.digit}  (margin {p.margin:.3g})  {label} {scores}"

@@ -42,10 +42,10 @@ def _flatten(params: Any) -> dict[str, np.ndarray]:
     return flat
 
 
-def export(params: Any, config: Config, record: dict[str, Any], base: Path | str = PRETRAINED) -> Path:
+def export(params: Any, config: Config, record: dict[str, Any], base: Path | str | None = None) -> Path:
     """Write ``params`` (as float32) and the run's metadata, with the sha256 of the
-    parameters' file, to ``base``.npz / .json."""
-    base = Path(base)
+    parameters' file, to ``base``.npz / .json (the shipped model's place by default)."""
+    base = Path(PRETRAINED if base is None else base)
     base.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **_flatten(params))
@@ -84,12 +84,12 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load(base: Path | str = PRETRAINED) -> tuple[Any, Config, dict[str, Any]]:
-    """The parameters, config and metadata of an exported model, checked: the .npz
-    against the sha256 its metadata records, its parameters against the shapes of the
-    config's model, finite, and zero where table I disconnects C3. DataError naming the
-    file otherwise."""
-    base = Path(base)
+def load(base: Path | str | None = None) -> tuple[Any, Config, dict[str, Any]]:
+    """The parameters, config and metadata of an exported model (the shipped one by
+    default), checked: the .npz against the sha256 its metadata records, its parameters
+    against the shapes of the config's model, finite, and zero where table I disconnects
+    C3. DataError naming the file otherwise."""
+    base = Path(PRETRAINED if base is None else base)
     npz, meta_path = base.with_suffix(".npz"), base.with_suffix(".json")
     for p in (npz, meta_path):
         if not p.is_file():
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a trained run as the package's pretrained model.")
     parser.add_argument("run", type=Path, help="a run folder written by train.py")
     parser.add_argument("--epoch", default="latest", help="which completed epoch: latest, best or a number")
-    parser.add_argument("--to", type=Path, default=PRETRAINED, help="output path without suffix")
+    parser.add_argument("--to", type=Path, default=None, help="output path without suffix (default: the shipped model's)")
     args = parser.parse_args(argv)
     return _export_run(args.run, args.epoch, args.to)
 

@@ -49,10 +49,11 @@ def update_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), PURPOSE_STEPS)
 
 
-def epoch_batches(seed: int, epoch: int, n: int, batch_size: int) -> jax.Array:
-    """The epoch's shuffled batches of positions 0..n-1, (n // batch_size, batch_size); a
-    remainder smaller than a batch is left out of that epoch (a different one each epoch)."""
-    perm = jax.random.permutation(epoch_key(seed, epoch, PURPOSE_ORDER), n)
+def epoch_batches(seed: int, epoch: int, n: int, batch_size: int, shuffle: bool = True) -> jax.Array:
+    """The epoch's batches of positions 0..n-1, (n // batch_size, batch_size), shuffled
+    from the seed and the epoch (or, without ``shuffle``, in order); a remainder smaller
+    than a batch is left out of that epoch (a different one each epoch when shuffled)."""
+    perm = jax.random.permutation(epoch_key(seed, epoch, PURPOSE_ORDER), n) if shuffle else jnp.arange(n)
     updates = n // batch_size
     return perm[: updates * batch_size].reshape(updates, batch_size)
 
@@ -215,9 +216,11 @@ def curvature_model(config: Config) -> LeNet5:
 
 def curvature_sample(config: Config, epoch: int, n: int) -> tuple[jax.Array, jax.Array]:
     """The positions (0..n-1 in the training set) of the patterns the estimate before
-    ``epoch`` averages over, and the key of its own randomness."""
+    ``epoch`` averages over (drawn from the seed and the epoch, or the first ones), and
+    the key of its own randomness."""
     key = epoch_key(config.seed, epoch, PURPOSE_CURVATURE)
-    pick = jax.random.choice(key, n, (min(config.hessian_samples, n),), replace=False)
+    size = min(config.hessian_samples, n)
+    pick = jax.random.choice(key, n, (size,), replace=False) if config.hessian_sample == "random" else jnp.arange(size)
     return pick, jax.random.fold_in(key, 1)
 
 

@@ -48,6 +48,10 @@ CHANCE_ERROR = 0.85
 """A test error at or above this after an epoch of at least ``CHANCE_UPDATES`` updates
 means the network answers at chance (90% for ten classes)."""
 CHANCE_UPDATES = 1000
+COLLAPSED = 0.5
+"""A network that gives one answer to this share of the test digits or more has
+collapsed (saturated units answer the same whatever the input); a learning one gives
+each class about a tenth."""
 
 
 @dataclass
@@ -201,13 +205,13 @@ def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str
     updates = size // config.batch_size
     mesh = data_mesh(1 if several else choose_devices(config.batch_size, config.devices))
     strategy = Strategy.build(config, len(seeds), updates, mesh)
-    templates = create_states(config, updates, seeds)
     if primary:
         _check_layout(root, seeds, several, resume)
     durable = ckpt.holds_checkpoints
     with contextlib.ExitStack() as held:
         top = workdir if isinstance(workdir, RunFolder) else held.enter_context(claim(root, lock=primary, durable=durable))
         folders = [held.enter_context(claim(root / SEED_FOLDER.format(s), lock=primary, durable=durable)) for s in seeds] if several else [top]
+        templates = create_states(config, updates, seeds)
         managers = []
         for folder in folders:
             if primary and not (folder.path / CHECKPOINTS).exists():
@@ -361,10 +365,10 @@ def _train_epoch(exp: Experiment, models: list[ModelRun], state: TrainState, epo
     and how many updates of the epoch are done (fewer than all when a stop request came)."""
     s, config, updates = exp.strategy, exp.config, exp.updates_per_epoch
     t0 = time.perf_counter()
-    if first == 0 and uses_curvature(state.opt_state):
+    if first == 0 and uses_curvature(state.opt_state) and config.refreshes_curvature(epoch):
         state = s.refresh(state, exp.images, exp.labels, [m.config for m in models], [m.train_index for m in models], epoch)
     n = exp.labels.shape[0] if models[0].train_index is None else models[0].train_index.shape[0]
-    batches = [epoch_batches(m.config.seed, epoch, n, config.batch_size) for m in models]
+    batches = [epoch_batches(m.config.seed, epoch, n, config.batch_size, config.shuffle) for m in models]
     batches = [b if m.train_index is None else m.train_index[b] for b, m in zip(batches, models)]
     keys = s.stack([update_key(m.config.seed) for m in models])
     bs, r = config.batch_size, len(models)
@@ -450,8 +454,9 @@ def _end_epoch(exp: Experiment, models: list[ModelRun], state: TrainState, histo
 def evaluate_epoch(exp: Experiment, model: ModelRun, state: TrainState, epoch: int, totals: dict[str, float]) -> tuple[dict[str, Any], bool]:
     """The history row of a completed epoch (its running training loss and error, its
     seconds, the test and validation loss and error after it), and whether the network
-    answers at chance: one class for every test digit, or a test error of at least
-    ``CHANCE_ERROR`` after an epoch of at least ``CHANCE_UPDATES`` updates."""
+    answers at chance: one answer for at least half of the test digits (``COLLAPSED``),
+    or a test error of at least ``CHANCE_ERROR`` after an epoch of at least
+    ``CHANCE_UPDATES`` updates."""
     seen = exp.updates_per_epoch * exp.config.batch_size
     row: dict[str, Any] = {"epoch": epoch, "train_loss": totals["loss"] / seen, "train_error": totals["errors"] / seen, "seconds": totals["seconds"]}
     params = jax.device_get(state.params)
@@ -461,8 +466,8 @@ def evaluate_epoch(exp: Experiment, model: ModelRun, state: TrainState, epoch: i
         row.update(val_loss=v["loss"], val_error=v["error"])
     t = evaluate(params, exp.infer_fn, *exp.test, objective, batch)
     row.update(test_loss=t["loss"], test_error=t["error"])
-    one_class = len(np.unique(t["predictions"])) == 1 and len(t["predictions"]) > 1
-    at_chance = one_class or (t["error"] >= CHANCE_ERROR and exp.updates_per_epoch >= CHANCE_UPDATES)
+    collapsed = np.bincount(t["predictions"]).max() >= COLLAPSED * len(t["predictions"]) and len(t["predictions"]) >= 20
+    at_chance = collapsed or (t["error"] >= CHANCE_ERROR and exp.updates_per_epoch >= CHANCE_UPDATES)
     return row, at_chance
 
 

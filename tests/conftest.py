@@ -128,9 +128,11 @@ def numpy_rbf_penalties(params, images: np.ndarray, batch: int = 500) -> np.ndar
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     f = lambda a: 1.7159 * np.tanh(2.0 / 3.0 * a)  # noqa: E731
 
-    def conv(x, k):  # x (N, H, W, C), k (kh, kw, C, F): 'VALID'
+    def conv(x, k):  # x (N, H, W, C), k (kh, kw, C, F): 'VALID', as one matrix product of the windows
         windows = sliding_window_view(x, k.shape[:2], axis=(1, 2))  # (N, Ho, Wo, C, kh, kw)
-        return np.einsum("nhwcij,ijcf->nhwf", windows, k)
+        n, ho, wo = windows.shape[:3]
+        flat = np.ascontiguousarray(windows).reshape(n * ho * wo, -1)  # (C, kh, kw) order
+        return (flat @ k.transpose(2, 0, 1, 3).reshape(flat.shape[1], -1)).reshape(n, ho, wo, -1)
 
     def sub(x, q):
         n, h, w, c = x.shape

@@ -374,9 +374,9 @@ class SinglePathNet(nn.Module):
     def outputs(self, x):
         return self.trace(x)[0]
 
-    def squared_network(self, x_squared, activations):
+    def squared_network(self, x, activations):
         (hidden,) = activations
-        a = self.hidden(x_squared)
+        a = self.hidden(jnp.square(x))
         slope = AMPLITUDE * SLOPE * (1 - (hidden / AMPLITUDE) ** 2)
         u = jax.lax.stop_gradient(hidden**2) + jax.lax.stop_gradient(slope**2) * (a - jax.lax.stop_gradient(a))
         return self.out(u)
