@@ -301,7 +301,7 @@ def _train(exp: Experiment, models: list[ModelRun], starts: list[Start]) -> list
     """The epochs from where the models stand to the last, each saved when it completes;
     a stop request saves every model where it is and returns."""
     config, s = exp.config, exp.strategy
-    state = s.stack([start.state for start in starts])
+    state = put_replicated(s.stack([start.state for start in starts]), exp.mesh)  # placed as the data is: one compiled program
     histories = [start.history for start in starts]
     start = starts[0].position
     seeds = f"; seeds {','.join(str(m.config.seed) for m in models)}" if len(models) > 1 else ""

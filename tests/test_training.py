@@ -274,3 +274,15 @@ def test_a_resume_may_change_how_the_run_executes(mnist, tmp_path, change):
     assert all(saved[k] == v for k, v in change.items())
     _, _, record = restore_run(tmp_path, "latest")
     assert all(record["config"][k] == v for k, v in change.items())
+
+
+def test_a_whole_run_compiles_its_chunk_and_its_refresh_once(mnist, tmp_path):
+    """Three epochs (a refresh before each, four chunks in each): one program for the
+    chunk and one for the refresh. A state placed differently from the data after the
+    first chunk or refresh (a sharding drift) would compile each again."""
+    from lenet_jax.steps import compiled_train_chunk, estimate_hessian
+
+    config = Config(epochs=3, train_subset=40, hessian_samples=10, chunks=4, stop_at_chance=False, map_j=19.0)  # a j no other test uses
+    chunks, refreshes = compiled_train_chunk._cache_size(), estimate_hessian._cache_size()  # jit's count of compiled programs
+    fit(config, small(mnist, 40, 20), tmp_path, **QUIET)
+    assert (compiled_train_chunk._cache_size() - chunks, estimate_hessian._cache_size() - refreshes) == (1, 1)
