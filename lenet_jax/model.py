@@ -163,6 +163,12 @@ class LeNet5(nn.Module):
         """Class scores from ``outputs``: RBF penalties, or the outputs unchanged."""
         return self.rbf(outputs) if self.head == "rbf" else outputs
 
+    def read(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """The class scores and the squashed output of every stage on the way (what the
+        demo page shows): one forward pass."""
+        outputs, acts = self.trace(x)
+        return self.scores(outputs), acts
+
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Class scores; ``train`` turns dropout on (it needs a "dropout" rng)."""
         return self.scores(self.outputs(x, train))

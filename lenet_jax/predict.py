@@ -60,7 +60,7 @@ class Picture:
     frames: int = 1
 
 
-def _grey(im: Any, where: Path) -> np.ndarray:
+def _grey(im: Any, where: Path | str) -> np.ndarray:
     """One Pillow frame as floats in [0, 255]: 16-bit and 32-bit grey scaled (not clipped)
     to 8 bits, transparency composited over white; an ImageError naming ``where`` for a
     frame whose values are not all finite numbers (a float TIFF can hold NaN or infinity)."""
@@ -90,8 +90,6 @@ def read_picture(path: Path | str, max_pixels: int = MAX_PIXELS) -> Picture:
     """The image at ``path``, turned upright by its EXIF orientation; for an animated
     image its first frame that is not blank. Only regular files are opened, and none
     larger than ``max_pixels``. Every failure is an ImageError naming the file."""
-    from PIL import Image, ImageOps
-
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -103,28 +101,42 @@ def read_picture(path: Path | str, max_pixels: int = MAX_PIXELS) -> Picture:
         raise ImageError(f"{path}: is a folder")
     if not stat.S_ISREG(mode):
         raise ImageError(f"{path}: not a regular file")
+    return _decode(path, str(path), max_pixels)
+
+
+def read_picture_bytes(data: bytes, name: str = "the image", max_pixels: int = MAX_PIXELS) -> Picture:
+    """``read_picture`` for an image held in memory (an upload): the same checks and
+    limits, the messages naming it ``name``; nothing touches the file system."""
+    import io
+
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Any, where: str, max_pixels: int) -> Picture:
+    from PIL import Image, ImageOps
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is ours, and lower
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 width, height = im.size
                 if width * height > max_pixels:
-                    raise ImageError(f"{path}: {width}x{height} pixels, more than the limit of {max_pixels:,} (--max-pixels)")
+                    raise ImageError(f"{where}: {width}x{height} pixels, more than the limit of {max_pixels:,} (--max-pixels)")
                 frames = getattr(im, "n_frames", 1)
                 for frame in range(frames):
                     im.seek(frame)
-                    grey = _grey(ImageOps.exif_transpose(im) if frame == 0 else im.copy(), path)
+                    grey = _grey(ImageOps.exif_transpose(im) if frame == 0 else im.copy(), where)
                     if frames == 1 or _has_ink(grey):
                         return Picture(grey, frame if frames > 1 else None, frames)
-                raise ImageError(f"{path}: no digit found in any of its {frames} frames")
+                raise ImageError(f"{where}: no digit found in any of its {frames} frames")
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"{path}: declares more pixels than the limit of {max_pixels:,} (--max-pixels)") from None
+        raise ImageError(f"{where}: declares more pixels than the limit of {max_pixels:,} (--max-pixels)") from None
     except MemoryError:
-        raise ImageError(f"{path}: too large to decode in memory") from None
+        raise ImageError(f"{where}: too large to decode in memory") from None
     except Exception as e:  # Pillow raises many kinds for damaged files; any of them means unusable
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__})") from None
+        raise ImageError(f"{where}: not a readable image ({type(e).__name__})") from None
 
 
 def read_grey(path: Path | str, max_pixels: int = MAX_PIXELS) -> np.ndarray:

@@ -72,6 +72,7 @@ def test_1_two_trainings_started_at_once_into_one_new_folder_lose_nothing(tmp_pa
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir())[-1] == winner_epochs * (64 if winner_epochs == 3 else 16) // 8
 
 
+@pytest.mark.slow
 def test_2_reading_a_run_never_removes_its_temporary_folders(mnist, tmp_path, capsys):
     """A save in progress is a *.orbax-checkpoint-tmp folder: eval.py (even --summary)
     and every reader leave it alone; only the training that holds the lock cleans up."""
@@ -158,6 +159,7 @@ def test_4_a_run_at_chance_ends_as_a_diverged_run_unless_asked_to_go_on(mnist, t
     assert out.returncode == 0 and "warning: epoch 1: the network answers at chance" in out.stdout
 
 
+@pytest.mark.slow
 def test_4_a_collapsed_network_is_at_chance_however_short_the_epoch(mnist, tmp_path):
     """An epoch of 8 updates at a learning rate that saturates the units: two answers for
     all 200 test digits (measured: 147 and 53)."""
@@ -294,6 +296,7 @@ def test_8_eval_says_when_the_seeds_stand_at_different_epochs(mnist, tmp_path, c
     assert json.loads(capsys.readouterr().out)["mean_test_error"] is not None
 
 
+@pytest.mark.slow
 def test_9_a_stop_request_waits_for_one_evaluation_whatever_the_number_of_seeds(mnist, tmp_path, monkeypatch):
     """Twelve seeds, a stop asked for while the first is evaluated: the eleven others are
     not, every seed is saved at the end of the epoch with its evaluation to do, and the
@@ -401,6 +404,7 @@ def test_14_a_stop_during_the_first_download_leaves_nothing(tmp_path):
     assert not (tmp_path / "R").exists() and list(temp.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_15_messages_say_what_is_there(mnist, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     long = tmp_path / ("x" * 256)

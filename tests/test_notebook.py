@@ -20,6 +20,9 @@ def test_notebook_runs_top_to_bottom(mnist, monkeypatch):
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "test error after 1 epochs" in text
     assert "misclassified" in text and "true label:" in text and "shipped model:" in text
+    assert "the demo page: http://127.0.0.1:" in text and '{"ok":true}' in text  # served from the kernel, and answering
+    frames = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "<iframe" in str(o.get("data", {}).get("text/html", ""))]
+    assert len(frames) == 1 and "http://127.0.0.1:" in str(frames[0]["data"]["text/html"])
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert images == 3
 

@@ -162,6 +162,7 @@ def test_summary_prints_the_papers_totals(capsys):
     assert "C3" in out and "10x10x16" in out and "1,516" in out
 
 
+@pytest.mark.slow
 def test_shipped_model_is_the_recorded_paper_run(mnist):
     """The shipped weights, read by a forward pass written here in numpy (not the
     package's), get the 87 test digits wrong that the run recorded (0.87%)."""

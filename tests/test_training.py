@@ -276,6 +276,7 @@ def test_a_resume_may_change_how_the_run_executes(mnist, tmp_path, change):
     assert all(record["config"][k] == v for k, v in change.items())
 
 
+@pytest.mark.slow
 def test_a_whole_run_compiles_its_chunk_and_its_refresh_once(mnist, tmp_path):
     """Three epochs (a refresh before each, four chunks in each): one program for the
     chunk and one for the refresh. A state placed differently from the data after the

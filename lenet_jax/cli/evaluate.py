@@ -31,6 +31,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {value}")
+    return value
+
+
 def epoch_choice(text: str) -> str:
     """--epoch: best, latest or an epoch number."""
     if text in ("best", "latest") or (text.isdigit() and int(text) >= 1):
@@ -52,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="predict the digit in these images (or the images in these folders), prepared like MNIST's digits")
     what.add_argument("--summary", action="store_true", help="print the layer table (output shapes, parameters, connections)")
     what.add_argument("--figures", type=Path, metavar="DIR", help="evaluate and write the PNG figures into DIR")
+    what.add_argument("--serve", action="store_true",
+                      help="serve a web page to draw digits on and watch every layer read them (needs the demo extra)")
+    parser.add_argument("--host", default="127.0.0.1", help="with --serve: the address to listen on (another than loopback lets "
+                        "anyone who can reach the port use the page)")
+    parser.add_argument("--port", type=port_number, default=8000, help="with --serve: the port (0: a free one)")
+    parser.add_argument("--max-body", type=positive_int, default=1_000_000, help="with --serve: the largest image accepted, in bytes")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the human summary")
     parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
                         help="with --image: refuse images with more pixels than this (width x height)")
@@ -71,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: --step {args.step_alias} selects epoch {args.step_alias} (checkpoints are numbered by update); "
               "use --epoch, --step goes in a later version", file=sys.stderr)
         which = args.step_alias
+    if args.serve:
+        return run_server(path, which, args.host, args.port, args.max_body, args.max_pixels)
     if args.summary:
         return run_summary(path, which, args.json)
     if args.image:
@@ -139,6 +157,25 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['layer']:<18}{shape:>14}{r['parameters']:>12,}{r['connections']:>13,}")
     lines.append(f"{'total':<18}{'':>14}{sum(r['parameters'] for r in rows):>12,}{sum(r['connections'] for r in rows):>13,}")
     return "\n".join(lines)
+
+
+@command
+def run_server(path: Path | None, which: str, host: str, port: int, max_body: int, max_pixels: int = MAX_PIXELS) -> int:
+    """Serve the draw-a-digit page for a run's model (the shipped one without ``path``)."""
+    from lenet_jax import demo
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ConfigError(demo.MISSING) from None
+    loaded = load_model(single_run(path), which)
+    reader = demo.DigitReader(loaded.params, loaded.config, loaded.name + (f", epoch {loaded.epoch}" if path is not None else ""), max_pixels)
+    try:
+        demo.serve(reader, host, port, max_body, say=lambda m: print(m, flush=True))
+    except OSError as e:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or type(e).__name__})") from None
+    return 0
 
 
 @command
