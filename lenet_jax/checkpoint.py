@@ -167,7 +167,24 @@ def reader(directory: Path | str) -> ocp.CheckpointManager:
         raise CheckpointError(f"{directory}: no checkpoint folder there")
     quiet_orbax()
     options = ocp.CheckpointManagerOptions(create=False, read_only=True, enable_async_checkpointing=False, cleanup_tmp_directories=False)
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "record"))
+    return _while_pruned(lambda: ocp.CheckpointManager(directory, options=options, item_names=("state", "record")))
+
+
+def _while_pruned(read: Callable[[], Any], attempts: int = 20) -> Any:
+    """``read()`` again when it failed because a step vanished under it: orbax lists the
+    steps, then reads each one's metadata, and a training that holds the folder may prune
+    one in between."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+
+
+def reload(mngr: ocp.CheckpointManager) -> None:
+    """The manager's list of steps read again (a reader's view of a folder that trains)."""
+    _while_pruned(mngr.reload)
 
 
 def all_finite(tree: Any) -> bool:
@@ -364,7 +381,7 @@ def restore_newest_good(
             raise
         except Exception as e:  # orbax raises many kinds; sort them into damage and read failures
             if not (Path(mngr.directory) / str(step)).is_dir():
-                mngr.reload()  # pruned by the writer while we read it
+                reload(mngr)  # pruned by the writer while we read it
                 continue
             if is_read_failure(e):
                 raise CheckpointReadError(f"{mngr.directory}: reading step {step} failed ({type(e).__name__}: {_first_line(e)}); "
@@ -431,7 +448,7 @@ def restore_run(path: Path | str, which: str = "best", log: Callable[[str], None
                 step, state, record = restore_newest_good(mngr, target, newest=choose_step(mngr, which), log=log, accept=is_complete)
                 break
             except CheckpointError:
-                mngr.reload()
+                reload(mngr)
                 if attempt == READ_ATTEMPTS - 1 or set(mngr.all_steps()) == before:
                     raise  # not a training that pruned what was chosen while it was read
     finally:

@@ -120,9 +120,9 @@ class Config:
     precision: str = option("float32", "matrix products and convolutions: float32 (exact, on every backend), tf32 or bfloat16 "
                                        "(faster on GPUs and TPUs)", choices=PRECISIONS)
     chunks: int = option(10, "compiled pieces per epoch (progress-bar and stop-request granularity)", minimum=1)
-    stop_at_chance: bool = option(True, "stop (exit 1) when an epoch ends with the network answering at chance (one answer for half "
-                                        "the test digits or more, or 85%% test error or more after 1,000 updates); --no-stop-at-chance "
-                                        "goes on")
+    stop_at_chance: bool = option(True, "stop (exit 1) when an epoch ends with the network answering at chance: one answer for every "
+                                        "test digit, or, after an epoch of 1,000 updates or more, one answer for half of them or 85%% "
+                                        "test error; --no-stop-at-chance goes on")
     eval_batch_size: int = option(1000, "batch size of evaluation", minimum=1)
     keep: int = option(3, "how many of the latest epoch checkpoints to keep (the best by validation error is kept too)", minimum=1)
 

@@ -289,7 +289,7 @@ def test_a_gzip_bomb_is_refused(tmp_path, monkeypatch):
 def test_a_cache_dir_that_is_a_file_trains_anyway_with_a_warning(mnist, tmp_path, capsys):
     write_idx_folder(tmp_path / "idx", n_train=40, n_test=10)
     (tmp_path / "afile").write_text("x")
-    code = train_main(["--data-dir", str(tmp_path / "idx"), "--cache-dir", str(tmp_path / "afile"), "--epochs", "1",
+    code = train_main(["--data-dir", str(tmp_path / "idx"), "--cache-dir", str(tmp_path / "afile"), "--epochs", "1", "--no-stop-at-chance",
                        "--optimizer", "sgd", "--batch-size", "8", "--workdir", str(tmp_path / "run"), "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0 and "warning: not cached" in out
@@ -321,7 +321,7 @@ def test_default_run_folders_never_collide(tmp_path):
 def test_resume_refuses_fewer_epochs_and_survives_a_garbage_config_json(mnist, tmp_path, capsys):
     write_idx_folder(tmp_path / "idx", n_train=40, n_test=10)
     base = ["--data-dir", str(tmp_path / "idx"), "--cache-dir", str(tmp_path / "cache"), "--optimizer", "sgd", "--batch-size", "8",
-            "--workdir", str(tmp_path / "run"), "--no-progress"]
+            "--workdir", str(tmp_path / "run"), "--no-progress", "--no-stop-at-chance"]  # random digits: at chance by construction
     assert train_main([*base, "--epochs", "2"]) == 0
     saved = (tmp_path / "run" / "config.json").read_text()
     capsys.readouterr()
@@ -338,7 +338,7 @@ def test_a_checkpoint_record_without_its_config_is_one_line_on_resume(mnist, tmp
     write_idx_folder(tmp_path / "idx", n_train=40, n_test=10)
     work = tmp_path / "run"
     assert train_main(["--data-dir", str(tmp_path / "idx"), "--cache-dir", str(tmp_path / "cache"), "--optimizer", "sgd",
-                       "--batch-size", "8", "--epochs", "1", "--workdir", str(work), "--no-progress"]) == 0
+                       "--batch-size", "8", "--epochs", "1", "--workdir", str(work), "--no-progress", "--no-stop-at-chance"]) == 0
     record = work / "checkpoints" / "5" / "record" / "metadata"
     data_ = json.loads(record.read_text())
     del data_["config"]
