@@ -7,14 +7,14 @@ of time is recorded and the next one runs):
 
   environment   JAX's version, backend and devices; nvidia-smi
   tests         the fast test tier (``pytest -m "not slow"``)
-  training      ``train.py --epochs 2``: the default (paper) configuration, two passes
+  training      ``train.py --epochs 2``: the default (paper) configuration, two epochs
   throughput    ``bench.throughput``: updates/s at batch 1, 256 and 4096, inference, refresh, compiles
   batch1        ``bench.batch1``: us per batch-1 update of the XLA path and of the fused Pallas
                 kernel, and whether the two agree after 1,000 updates
   compare       ``bench.compare``: the same against PyTorch's eager, CUDA-graph and compiled forms
   --tables      throughput per convolution path and per precision (what ``--conv-impl auto`` and
                 the precision table in docs/accelerators.md come from), and 8 seeds at once
-  --full        the 20-pass default training at each precision (time and test error)
+  --full        the 20-epoch default training at each precision (time and test error)
 
 Everything goes to DIR (default ``device_check/``): a log per stage, the JSON results,
 ``summary.json`` and ``summary.md``. MNIST comes from the cache, or from the IDX folder
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             s[name]["result"] = last_json(s[name]["stdout"])
     if args.full:
         for policy in ("float32", "tf32", "bfloat16"):
-            name = f"paper_20_passes_{policy}"
+            name = f"paper_20_epochs_{policy}"
             shutil.rmtree(out / name, ignore_errors=True)
             s[name] = stage(name, py + ["train.py", "--precision", policy, "--workdir", str(out / name), "--no-progress"], out, 1800, env)
             s[name]["epochs"] = training_rows(s[name]["stdout"])
@@ -153,7 +153,7 @@ def markdown(summary: dict[str, Any]) -> str:
     t = s.get("tests", {})
     lines += ["", f"tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed"]
     if s.get("training", {}).get("epochs"):
-        lines += ["", "| pass | test error | seconds |", "|---|---|---|"]
+        lines += ["", "| epoch | test error | seconds |", "|---|---|---|"]
         lines += [f"| {r['epoch']} | {r['test_error']:.2%} | {r['seconds']} |" for r in s["training"]["epochs"]]
     for name, v in s.items():
         r = v.get("result")
@@ -166,8 +166,8 @@ def markdown(summary: dict[str, Any]) -> str:
                 lines.append(f"| {row['label']} | {common.number(row['lenet_jax'])} | {best} | {row['ratio']:.2f}x | {row['target']}x |")
         if v.get("epochs") and name.startswith("paper_20"):
             last = v["epochs"][-1]
-            lines += ["", f"{name}: test error {last['test_error']:.2%} after {last['epoch']} passes, "
-                      f"{sum(r['seconds'] for r in v['epochs']):.0f} s of passes"]
+            lines += ["", f"{name}: test error {last['test_error']:.2%} after {last['epoch']} epochs, "
+                      f"{sum(r['seconds'] for r in v['epochs']):.0f} s of epochs"]
     return "\n".join(lines)
 
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="device_check", help="folder of the logs and the summary")
     parser.add_argument("--data-dir", help="an IDX folder of MNIST, for a machine that cannot download it")
     parser.add_argument("--tables", action="store_true", help="also throughput per convolution path and per precision")
-    parser.add_argument("--full", action="store_true", help="also the 20-pass default training at each precision")
+    parser.add_argument("--full", action="store_true", help="also the 20-epoch default training at each precision")
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the check itself (on a CPU)")
     summary = run(parser.parse_args(argv))
     failed = [n for n, v in summary["stages"].items() if v["status"] not in ("ok",) and not v["status"].startswith("skipped")]

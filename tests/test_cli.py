@@ -146,3 +146,9 @@ def test_the_ablation_runs_each_row_as_its_change_from_the_paper(mnist, tmp_path
     assert rows["paper"]["changes"] == {"epochs": 1, "keep": 1, "train_subset": 300} and rows["relu"]["changes"]["activation"] == "relu"
     assert rows["paper"]["test_error"] < 0.35  # 300 batch-1 SDLM updates learn (measured: about 20%)
     assert "| paper | the paper" in out.stdout and "| relu | activation: ReLU" in out.stdout
+
+
+def test_the_earlier_step_option_says_it_selects_an_epoch(capsys):
+    assert eval_main(["--step", "3", "--summary"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --step 3 selects epoch 3 (checkpoints are numbered by update); use --epoch" in err
