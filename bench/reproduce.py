@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -230,16 +231,23 @@ def shipped() -> str:
 
 
 def speed() -> str:
-    """docs/speed.md's tables: throughput (with a whole epoch and three seeds), the
-    comparison with PyTorch (needs torch), the demo server."""
+    """docs/speed.md's tables: throughput (a whole epoch, three seeds, each convolution
+    path), the per-layer profile, the C1 layouts tried, the comparison with PyTorch (needs
+    torch), the demo page's speed, and docs/demo.png from the browser test."""
     out = [module("bench.throughput", "--pass", "--replicas", "3")]
+    out += [module("bench.throughput", "--conv-impl", impl) for impl in ("patches", "xla")]
+    out += [module("bench.profile_epoch"), module("bench.c1_layouts")]
     try:
         import torch  # noqa: F401
 
         out.append(module("bench.compare"))
     except ImportError:
         out.append("bench.compare skipped: PyTorch is not installed (pip install torch==2.13.0)")
-    out.append(module("bench.demo"))
+    out.append(module("bench.demo", "--browser"))
+    print("$ python -m pytest tests/test_demo.py -m slow -k browser   # with LENET_JAX_DEMO_SCREENSHOT=docs/demo.png", flush=True)
+    shot = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_demo.py", "-m", "slow", "-k", "browser"], cwd=ROOT,
+                          env={**os.environ, "LENET_JAX_DEMO_SCREENSHOT": str(DOCS / "demo.png")}, capture_output=True, text=True)
+    out.append("wrote docs/demo.png" if shot.returncode == 0 else f"the browser test failed: {shot.stdout[-1500:]}")
     return "\n".join(out)
 
 
@@ -260,7 +268,7 @@ SECTIONS: dict[str, Section] = {
     "tried": Section(tried, "reproduction.md: what was tried", "about 15 (estimated)"),
     "ablation": Section(ablation, "variants.md: the ablation table, ablation_10_epochs.json", "about 25 (estimated)"),
     "shipped": Section(shipped, "README: the shipped model; the figures of docs/ drawn from it", "4 (measured: 3.5)"),
-    "speed": Section(speed, "speed.md and demo.md: throughput, PyTorch, the demo server", "about 10 (estimated)"),
+    "speed": Section(speed, "speed.md and demo.md: throughput, profile, C1 layouts, PyTorch, the demo page, demo.png", "about 15 (estimated)"),
 }
 
 

@@ -123,19 +123,18 @@ def zero_totals() -> dict[str, float]:
     return {"loss": 0.0, "errors": 0, "seconds": 0.0}
 
 
-def training_positions(config: Config, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The positions (in a training set of ``n``) of the images ``config`` trains on (None:
-    all of them) and of its validation images (None without a validation split)."""
+def training_positions(config: Config, n: int) -> tuple[int, np.ndarray | None, np.ndarray | None]:
+    """How many images ``config`` trains on, in a training set of ``n``; their positions
+    (None when they are simply the first ones, no validation split taking any out); and
+    the positions of its validation images (None without a validation split)."""
     kept, held = (None, None) if not config.validation_size else validation_split(n, config.validation_size, config.seed)
     available = n if kept is None else len(kept)
-    if config.train_subset is not None:
-        if config.train_subset > available:
-            raise ConfigError(f"--train-subset {config.train_subset} is larger than the {available:,} training images")
-        kept = np.arange(config.train_subset) if kept is None else kept[: config.train_subset]
-    size = available if kept is None else len(kept)
+    size = available if config.train_subset is None else config.train_subset
+    if size > available:
+        raise ConfigError(f"--train-subset {config.train_subset} is larger than the {available:,} training images")
     if config.batch_size > size:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {size} training images")
-    return kept, held
+    return size, None if kept is None else kept[:size], held
 
 
 def fit(
@@ -201,8 +200,9 @@ def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str
     root = workdir.path if isinstance(workdir, RunFolder) else Path(workdir)
     n_train = len(dataset.train_labels)
     positions = [training_positions(c, n_train) for c in configs]
-    size = n_train if positions[0][0] is None else len(positions[0][0])
+    size = positions[0][0]
     updates = size // config.batch_size
+    first = positions[0][1] is None  # the first `size` images: held as their own array, as one model's run always did
     mesh = data_mesh(1 if several else choose_devices(config.batch_size, config.devices))
     strategy = Strategy.build(config, len(seeds), updates, mesh)
     if primary:
@@ -229,10 +229,11 @@ def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str
         models = [
             ModelRun(config=c, folder=f, mngr=m, train_index=None if kept is None else device(kept.astype(np.int32)),
                      validation=None if held_out is None else (device(dataset.train_images[held_out]), device(dataset.train_labels[held_out])))
-            for c, f, m, (kept, held_out) in zip(configs, folders, managers, positions)
+            for c, f, m, (_, kept, held_out) in zip(configs, folders, managers, positions)
         ]
+        shown = slice(0, size) if first else slice(None)
         experiment = Experiment(
-            config=config, images=device(pad_images(dataset.train_images)), labels=device(dataset.train_labels),
+            config=config, images=device(pad_images(dataset.train_images[shown])), labels=device(dataset.train_labels[shown]),
             test=(device(dataset.test_images), device(dataset.test_labels)), mesh=mesh, strategy=strategy,
             updates_per_epoch=updates, chunk_len=math.ceil(updates / min(config.chunks, updates)), say=say,
             progress=progress and primary, stop=stop, data=dataset.source, infer_fn=make_model(config, inference=True).apply,

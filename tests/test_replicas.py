@@ -59,8 +59,8 @@ def test_each_seed_of_a_run_of_seeds_is_the_run_of_that_seed(mnist, tmp_path, va
             assert together.history[-1]["val_error"] == alone.history[-1]["val_error"]
         assert json.loads((tmp_path / "both" / f"seed-{seed}" / "config.json").read_text())["seed"] == seed
     if validation:  # the two seeds held out different images, so their validation sets differ
-        kept = [training_positions(config.replace(seed=s), 120)[1] for s in (0, 1)]
-        assert not np.array_equal(*kept)
+        held = [training_positions(config.replace(seed=s), 120)[2] for s in (0, 1)]
+        assert not np.array_equal(*held)
 
 
 def stop_after(calls: int):
