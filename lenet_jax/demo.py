@@ -38,7 +38,7 @@ from lenet_jax.config import Config
 from lenet_jax.factories import make_model
 from lenet_jax.inputs import preprocess
 from lenet_jax.layers import AMPLITUDE
-from lenet_jax.predict import MAX_PIXELS, ImageError, mnist_recipe, read_picture_bytes
+from lenet_jax.predict import MAX_PIXELS, ImageError, mnist_recipe, rank_scores, read_picture_bytes
 
 MAX_BODY = 1_000_000
 """Bytes an upload may have (a 280x280 canvas PNG is 5-15 KB)."""
@@ -90,15 +90,7 @@ class DigitReader:
         digit = mnist_recipe(read_picture_bytes(data, "the image", self.max_pixels).grey, "the image")
         with self._lock:
             scores, acts = jax.device_get(self._read(self.params, jnp.asarray(digit[None])))
-        scores = np.asarray(scores[0], np.float64)
-        if self.config.head == "rbf":
-            ranked = np.sort(scores)
-            answer, margin, kind = int(scores.argmin()), float(ranked[1] - ranked[0]), "rbf_penalties"
-        else:
-            if self.config.head == "softmax":
-                scores = np.asarray(jax.nn.softmax(scores), np.float64)
-            ranked = -np.sort(-scores)
-            answer, margin, kind = int(scores.argmax()), float(ranked[0] - ranked[1]), "probabilities" if self.config.head == "softmax" else "outputs"
+        answers, scores, margins, kind = rank_scores(np.asarray(scores, np.float64), self.config.head)
         bound = AMPLITUDE if self.config.activation == "scaled_tanh" else None
         layers = []
         for name, a in zip(self.model.stage_names, acts):
@@ -107,7 +99,7 @@ class DigitReader:
             top = bound if bound is not None else max(float(np.abs(maps).max()), 1e-6)
             layers.append({"name": name, "shape": list(maps.shape), "data": _bytes(maps, -top, top)})
         return {
-            "digit": answer, "margin": margin, "score_kind": kind, "scores": [float(v) for v in scores],
+            "digit": int(answers[0]), "margin": float(margins[0]), "score_kind": kind, "scores": [float(v) for v in scores[0]],
             "input": base64.b64encode(np.pad(digit, 2).tobytes()).decode("ascii"),  # the 32x32 the network sees, ink high
             "layers": layers,
         }

@@ -201,8 +201,9 @@ def layer_table(params: Params, c3_table: tuple[tuple[int, ...], ...] | None = C
     sum, plus the bias when the subsampling is trainable).
     """
     shapes = {"C1": (28, 28, 6), "S2": (14, 14, 6), "C3": (10, 10, 16), "S4": (5, 5, 16), "C5": (1, 1, 120), "F6": (84,)}
+    squashed_head = "output" in params and "F6" not in params  # C5 feeds the output units directly
     rows = []
-    for name in STAGES if "F6" in params or "output" not in params else STAGES[:5]:
+    for name in STAGES[:5] if squashed_head else STAGES:
         n = count_parameters({name: params[name]}, c3_table) if name in params else 0
         positions = int(np.prod(shapes[name][:-1])) if len(shapes[name]) > 1 else 1
         if name.startswith("S"):
@@ -212,7 +213,7 @@ def layer_table(params: Params, c3_table: tuple[tuple[int, ...], ...] | None = C
         rows.append({"layer": name, "output": shapes[name], "parameters": n, "connections": connections})
     if "output" in params:
         n = count_parameters(params["output"])
-        kind = "squashed" if "F6" not in params else "softmax"
+        kind = "squashed" if squashed_head else "softmax"
         rows.append({"layer": f"output ({kind})", "output": (10,), "parameters": n, "connections": n})
     else:
         rows.append({"layer": "output (RBF)", "output": (10,), "parameters": 0, "connections": 840})

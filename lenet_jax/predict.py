@@ -224,15 +224,22 @@ def predict_digits(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Classes, scores, margins and the score kind for uint8 (N, 28, 28) MNIST-style digits."""
     scores = np.asarray(jax.jit(apply_fn)({"params": params}, preprocess(jnp.asarray(digits))))
-    if objective.head == "softmax":
-        scores = np.asarray(jax.nn.softmax(scores, axis=-1))
-        ranked = -np.sort(-scores, axis=-1)
-        return scores.argmax(-1), scores, ranked[:, 0] - ranked[:, 1], "probabilities"
-    if objective.head == "squashed":
-        ranked = -np.sort(-scores, axis=-1)
-        return scores.argmax(-1), scores, ranked[:, 0] - ranked[:, 1], "outputs"
-    ranked = np.sort(scores, axis=-1)
-    return scores.argmin(-1), scores, ranked[:, 1] - ranked[:, 0], "rbf_penalties"
+    return rank_scores(scores, objective.head)
+
+
+def rank_scores(scores: np.ndarray, head: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Classes, the scores as reported, margins and the score kind from the network's
+    scores (N, 10) for ``head``: the smallest RBF penalty wins, or the largest softmax
+    probability (the logits turned into them) or squashed output; the margin is the
+    distance from the winner's score to the runner-up's."""
+    if head == "rbf":
+        ranked = np.sort(scores, axis=-1)
+        return scores.argmin(-1), scores, ranked[:, 1] - ranked[:, 0], "rbf_penalties"
+    kind = "outputs"
+    if head == "softmax":
+        scores, kind = np.asarray(jax.nn.softmax(scores, axis=-1)), "probabilities"
+    ranked = -np.sort(-scores, axis=-1)
+    return scores.argmax(-1), scores, ranked[:, 0] - ranked[:, 1], kind
 
 
 def _prepare(path: Path, max_pixels: int) -> tuple[np.ndarray, int | None]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -332,14 +331,14 @@ def test_10_a_full_disk_during_a_save_is_one_line_and_leaves_no_run_behind(tmp_p
     """Files limited to 100 KB (RLIMIT_FSIZE; C5's kernel alone is 192 KB): the first
     checkpoint cannot be written, as on a full disk."""
 
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
-
     run = tmp_path / "R"
     args = quick(tmp_path, "--epochs", "1", "--workdir", str(run))
     write_idx_folder(tmp_path / "idx", n_train=64, n_test=10)
-    proc = popen(*args, preexec_fn=small_files)
+    # The limit is set in a fresh interpreter that then becomes train.py (a preexec_fn
+    # would fork this multithreaded JAX process); SIGXFSZ ignored: a failed write, not a kill.
+    limited = ("import os, resource, signal, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)); "
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    proc = popen("-c", limited, *args)
     _, err = proc.communicate(timeout=300)
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 2

@@ -38,7 +38,7 @@ def test_same_weights_same_loss_and_gradients(baseline, mnist):
     baseline.load_jax_params(net, params)
     t_loss = baseline.map_loss(net(baseline.preprocess(images)), torch.as_tensor(labels.astype(np.int64)))
     t_loss.backward()
-    assert abs(float(t_loss) - float(value)) <= 1e-5 * abs(float(value))
+    assert abs(t_loss.detach().item() - float(value)) <= 1e-5 * abs(float(value))
 
     def close(t_grad, j_grad):
         j_grad = np.asarray(j_grad)
