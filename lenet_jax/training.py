@@ -156,6 +156,104 @@ def fit(
     return _fit(config, [config.seed], dataset, workdir, resume, log, progress, stop, several=False)[0]
 
 
+# --------------------------------------------------------------------------- the memory of several seeds
+
+PATTERN_WORK = 9
+"""Working memory per pattern, in units of the bytes of one pattern's activations (its
+input and every stage's output: 36 KB for the paper's network): what a training batch
+keeps for its gradient, and what the paper's curvature estimate keeps for each of its
+patterns (it takes them all at once). Measured with ``memory_analysis()`` of the
+compiled programs on the CPU: 260 KB a pattern with custom_vjp convolutions, 285-290 KB
+with patches, 86-98 KB with xla; 9 x 36 KB = 328 KB covers them."""
+JACOBIAN_WORK, PROBE_WORK, ESTIMATE_BATCH = 2.5, 6.0, 16
+"""The gauss_newton and hutchinson estimates take ``ESTIMATE_BATCH`` patterns at a time,
+each keeping one parameter-sized vector per row of its output curvature (measured: 1 to
+1.8 of them a row) or about 4.4 per probe (measured), and one per pattern of the sample."""
+MEMORY_SHARE = 0.8
+"""The share of the available memory a run of several seeds plans to fill."""
+
+
+def available_memory(device: Any = None) -> int | None:
+    """Bytes free on ``device`` (the first local one): its allocator's limit less what it
+    holds, where the backend says (GPUs, TPUs); else, for the CPU, the host's available
+    memory (MemAvailable of /proc/meminfo, or the physical memory). None when unknown."""
+    import os
+
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # a backend without the query
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def seed_memory(config: Config, n_train: int) -> tuple[int, int]:
+    """An estimate, from shapes alone (nothing compiled), of the bytes a run of several
+    seeds of ``config`` (on a training set of ``n_train``) needs for each seed, and for
+    what the seeds share. Each seed: its state (parameters and optimiser state) three times
+    (its own, the stacked copy, the update's), then the larger of its training batch's
+    working memory with its gradient and update, and its curvature estimate's (SDLM; it
+    grows with --hessian-samples). Shared: the data on the device and one evaluation batch."""
+    import jax.numpy as jnp
+
+    from lenet_jax.factories import make_optimizer
+    from lenet_jax.model import init_params
+
+    def nbytes(tree: Any) -> int:
+        return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+    model = make_model(config)
+    params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    state = nbytes(params) + nbytes(jax.eval_shape(make_optimizer(config, 1).init, params))
+    x = jax.ShapeDtypeStruct((1, 32, 32, 1), jnp.float32)
+    outputs, activations = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method="trace"), params, x)
+    pattern = PATTERN_WORK * (nbytes(x) + nbytes(activations) + nbytes(outputs))
+    work = 2 * nbytes(params) + config.batch_size * pattern
+    if config.optimizer == "sdlm":
+        samples = min(config.hessian_samples, training_positions(config, n_train)[0])
+        if config.hessian_estimator == "paper":
+            work = max(work, samples * pattern)
+        else:
+            one = jax.ShapeDtypeStruct(outputs.shape[1:], outputs.dtype)
+            rows = jax.eval_shape(config.objective.curvature_factor, one, jax.ShapeDtypeStruct((), jnp.int32)).shape[0]
+            per = rows * JACOBIAN_WORK if config.hessian_estimator == "gauss_newton" else config.hutchinson_probes * PROBE_WORK
+            work = max(work, (samples + min(ESTIMATE_BATCH, samples) * per) * nbytes(params))
+    shared = n_train * (32 * 32 + 4) + 10_000 * (28 * 28 + 4) + config.eval_batch_size * pattern
+    return 3 * state + int(work), shared
+
+
+def seed_groups(config: Config, seeds: list[int], n_train: int, available: int | None = None) -> list[list[int]]:
+    """``seeds`` in consecutive groups of about equal size, each small enough for its
+    estimated memory (``seed_memory``) to fit in ``MEMORY_SHARE`` of the ``available``
+    bytes (default ``available_memory()``): one group when all fit, or when the memory
+    is unknown. ConfigError when not even one seed fits in all of it."""
+    available = available_memory() if available is None else available
+    if available is None or len(seeds) < 2:
+        return [list(seeds)]
+    each, shared = seed_memory(config, n_train)
+    fit = int((MEMORY_SHARE * available - shared) // each)
+    if fit >= len(seeds):
+        return [list(seeds)]
+    if each + shared > available:
+        raise ConfigError(f"--seeds: one seed needs about {(each + shared) / 1e9:.3g} GB, more than the {available / 1e9:.3g} GB "
+                          "available (fewer --hessian-samples, or a smaller --batch-size, need less)")
+    count = math.ceil(len(seeds) / max(fit, 1))
+    size = math.ceil(len(seeds) / count)
+    return [list(seeds[i : i + size]) for i in range(0, len(seeds), size)]
+
+
 def fit_seeds(
     config: Config,
     seeds: list[int],
@@ -169,12 +267,36 @@ def fit_seeds(
     """Train ``config`` once per seed, all seeds in one compiled program, each into
     ``workdir/seed-S``; returns each seed's result. A stop request saves every seed where
     it is; ``resume=True`` continues all of the run's seeds (``seeds`` must be exactly
-    the run's)."""
+    the run's).
+
+    Seeds whose estimated memory (``seed_groups``) exceeds the device's are trained in
+    groups, one after the other, each group one compiled program computing what it would
+    alone. A stop request (or a failure) leaves the seeds of the groups not yet trained
+    out of the results, with an empty folder each, which ``resume=True`` trains."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds")
     if config.devices > 1 or jax.process_count() > 1:
         raise ConfigError("--seeds runs on one device (the seeds share it); drop --devices or run the seeds separately")
-    return _fit(config, seeds, dataset, workdir, resume, log, progress, stop, several=True)
+    available = available_memory()
+    groups = seed_groups(config.validate(), seeds, len(dataset.train_labels), available)
+    if len(groups) == 1:
+        return _fit(config, seeds, dataset, workdir, resume, log, progress, stop, several=True)
+    each, _ = seed_memory(config, len(dataset.train_labels))
+    log(f"{len(seeds):,} seeds need about {len(seeds) * each / 1e9:.3g} GB ({each / 1e6:.3g} MB each), more than the "
+        f"{available / 1e9:.3g} GB available: training them in {len(groups)} groups of up to {len(groups[0]):,}, one after the other")
+    root = workdir.path if isinstance(workdir, RunFolder) else Path(workdir)
+    results: list[RunResult] = []
+    try:
+        for group in groups:
+            if results and (stop() or not all(r.finished for r in results)):
+                break
+            results += _fit(config, group, dataset, workdir, resume, log, progress, stop, several=True, layout=seeds)
+    finally:
+        if len(results) < len(seeds) and is_primary() and ckpt.holds_checkpoints(root):
+            for seed in seeds[len(results):]:  # an empty folder each: --resume trains them
+                with contextlib.suppress(OSError):
+                    (root / SEED_FOLDER.format(seed)).mkdir(exist_ok=True)
+    return results
 
 
 def _check_layout(root: Path, seeds: list[int], several: bool, resume: bool) -> None:
@@ -192,7 +314,8 @@ def _check_layout(root: Path, seeds: list[int], several: bool, resume: bool) -> 
 
 
 def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str | RunFolder, resume: bool,
-         log: Callable[[str], None], progress: bool, stop: Callable[[], bool], several: bool) -> list[RunResult]:
+         log: Callable[[str], None], progress: bool, stop: Callable[[], bool], several: bool,
+         layout: list[int] | None = None) -> list[RunResult]:
     config = resolve(config.validate())
     configs = [config.replace(seed=s).validate() for s in seeds]
     primary = is_primary()
@@ -206,7 +329,7 @@ def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str
     mesh = data_mesh(1 if several else choose_devices(config.batch_size, config.devices))
     strategy = Strategy.build(config, len(seeds), updates, mesh)
     if primary:
-        _check_layout(root, seeds, several, resume)
+        _check_layout(root, layout or seeds, several, resume)  # layout: all of the run's seeds, when trained in groups
     durable = ckpt.holds_checkpoints
     with contextlib.ExitStack() as held:
         top = workdir if isinstance(workdir, RunFolder) else held.enter_context(claim(root, lock=primary, durable=durable))

@@ -13,6 +13,7 @@ from lenet_jax.cli.evaluate import main as eval_main
 from lenet_jax.cli.train import main as train_main
 from lenet_jax.cli.train import parse_command_line, resolve_config
 from lenet_jax.config import MODERN, Config
+from lenet_jax.errors import ConfigError
 
 from conftest import one_line, run_script
 
@@ -22,7 +23,7 @@ from conftest import one_line, run_script
     [
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--optimizer", "rmsprop"], "--optimizer 'rmsprop' is not one of"),
-        (["--head", "softmax"], "the softmax head takes loss xent"),
+        (["--head", "softmax", "--loss", "map"], "the softmax head takes loss xent"),
         (["--seed", "99999999999999999999999"], "--seed must be at most 4294967295"),
         (["--lr", "inf"], "--lr must be a finite number"),
         (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
@@ -71,7 +72,7 @@ def test_options_go_on_top_of_a_preset_and_a_saved_config_is_a_preset(tmp_path):
 def test_resume_starts_from_the_runs_saved_config_not_a_preset(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(Config(batch_size=4, epochs=2).to_dict()))
     assert resolved("--resume", "--workdir", str(tmp_path), "--epochs", "5") == Config(batch_size=4, epochs=5)
-    with pytest.raises(ValueError, match="--preset starts a new run"):
+    with pytest.raises(ConfigError, match="--preset starts a new run"):
         resolved("--resume", "--workdir", str(tmp_path), "--preset", "modern")
 
 
@@ -148,7 +149,6 @@ def test_the_ablation_runs_each_row_as_its_change_from_the_paper(mnist, tmp_path
     assert "| paper | the paper" in out.stdout and "| relu | activation: ReLU" in out.stdout
 
 
-def test_the_earlier_step_option_says_it_selects_an_epoch(capsys):
-    assert eval_main(["--step", "3", "--summary"]) == 0
-    err = capsys.readouterr().err
-    assert "note: --step 3 selects epoch 3 (checkpoints are numbered by update); use --epoch" in err
+def test_the_earlier_step_option_without_a_run_is_one_line(capsys):
+    """--step selects an epoch of a run (its note, with a run: tests/test_options.py)."""
+    assert "--step 3 selects an epoch of a run" in one_line(capsys, eval_main(["--step", "3", "--summary"]))

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from lenet_jax.config import MAX_SEED, MODERN, PRESETS, Config, load_config_file, preset
+from lenet_jax.errors import ConfigError
 
 
 def test_every_field_has_its_help_next_to_it():
@@ -36,7 +37,7 @@ def test_every_field_has_its_help_next_to_it():
     ],
 )
 def test_bad_values_are_refused_naming_the_option(changes, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         Config(**changes).validate()
 
 
@@ -50,7 +51,7 @@ def test_from_dict_checks_types_and_names():
         ({"batchsize": 16}, "unknown option 'batchsize'"),
         ({"lr": "fast"}, "lr must be null or float, got 'fast'"),
     ]:
-        with pytest.raises(ValueError, match=f"run.json: {message}"):
+        with pytest.raises(ConfigError, match=f"run.json: {message}"):
             Config.from_dict(bad, "run.json")
 
 
@@ -81,8 +82,8 @@ def test_a_saved_config_file_is_a_preset(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.to_dict()))
     assert preset(str(path)) == config == load_config_file(path)
-    with pytest.raises(ValueError, match="neither a preset"):
+    with pytest.raises(ConfigError, match="neither a preset"):
         preset("moden")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json: not JSON"):
+    with pytest.raises(ConfigError, match="bad.json: not JSON"):
         preset(str(tmp_path / "bad.json"))

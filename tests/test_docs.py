@@ -32,3 +32,32 @@ def test_the_link_finder_finds_links_and_images(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("![curves](docs/curves.png) and [the data](data.md#sources), `[not](code.md)`, [web](https://x.org)\n")
     assert targets(page) == ["docs/curves.png", "data.md#sources"]
+
+
+def ci_lines() -> list[str]:
+    """The README lines .ci/run runs, extracted as .ci/run extracts them."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"<!-- ci -->\n```bash\n(.*?)```", text, flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readme_set_up_and_both_test_tiers_and_nothing_of_its_own():
+    lines = ci_lines()
+    assert lines[0] == "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+    assert ".venv/bin/pip install -r requirements-test.txt" in lines
+    assert lines[-2:] == ['.venv/bin/python -m pytest -q -n auto -m "not slow"', ".venv/bin/python -m pytest -q -n auto -m slow"]
+    script = (ROOT / ".ci" / "run").read_text()
+    assert 'blocks = re.findall(r"<!-- ci -->\\n```bash\\n(.*?)```", text, flags=re.S)' in script
+    commands = [line for line in script.splitlines() if re.search(r"\b(pip|pytest|apt-get|venv)\b", line) and not line.lstrip().startswith("#")]
+    assert commands == [], commands
+
+
+def test_every_package_the_test_tiers_import_is_pinned_in_a_file_the_readme_installs():
+    pinned = {}
+    for name in ("requirements.txt", "requirements-demo.txt", "requirements-test.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            if "==" in line and not line.startswith("#"):
+                package, version = line.split("==")
+                pinned[package.strip().lower().replace("_", "-")] = version.strip()
+    for package in ("torch", "playwright", "pytest", "pytest-xdist", "hypothesis", "starlette", "uvicorn", "jax", "flax", "optax"):
+        assert package in pinned, package

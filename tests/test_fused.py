@@ -11,6 +11,7 @@ import pytest
 
 from lenet_jax import fused
 from lenet_jax.config import Config
+from lenet_jax.errors import ConfigError
 from lenet_jax.factories import create_state, make_schedule, step_impl_for
 from lenet_jax.inputs import pad_images
 from lenet_jax.sdlm import get_hessian, set_hessian
@@ -74,7 +75,7 @@ def test_packing_the_parameters_is_lossless(rbf_model):
 
 def test_only_the_papers_configuration_is_fused():
     assert step_impl_for(Config()) == "xla" and step_impl_for(Config(step_impl="fused")) == "fused"
-    with pytest.raises(ValueError, match=r"paper's configuration at batch 1 only; this run asks for --batch-size 8, --dropout 0.1"):
+    with pytest.raises(ConfigError, match=r"paper's configuration at batch 1 only; this run asks for --batch-size 8, --dropout 0.1"):
         step_impl_for(Config(step_impl="fused", batch_size=8, dropout=0.1))
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lenet_jax.bitmaps import RBF_CENTRES
+from lenet_jax.errors import ConfigError
 from lenet_jax.losses import Objective, map_loss, mse_loss, softmax_cross_entropy
 
 
@@ -52,9 +53,9 @@ class LossTest(chex.TestCase):
 
 
 def test_objective_refuses_bad_combinations():
-    with pytest.raises(ValueError, match="takes loss"):
+    with pytest.raises(ConfigError, match="takes loss"):
         Objective("softmax", "map")
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ConfigError, match="positive"):
         Objective("rbf", "map", j=0.0)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lenet_jax.errors import ConfigError
 from lenet_jax.parallel import cluster_environment, initialize_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,8 +159,8 @@ def test_cluster_detection(environ, kind):
 
 
 def test_a_half_described_cluster_is_refused_before_jax_starts():
-    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES is not"):
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES is not"):
         initialize_distributed(environ={"JAX_COORDINATOR_ADDRESS": "localhost:1"})
-    with pytest.raises(ValueError, match="'two' is not a whole number"):
+    with pytest.raises(ConfigError, match="'two' is not a whole number"):
         initialize_distributed(environ={"JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"})
     assert initialize_distributed(environ={}) is False

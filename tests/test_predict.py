@@ -17,6 +17,7 @@ from test_plots import dark, near, pixels
 from lenet_jax import plots, pretrained
 from lenet_jax.cli.evaluate import main as eval_main
 from lenet_jax.config import Config
+from lenet_jax.errors import DataError
 from lenet_jax.factories import make_model
 from lenet_jax.model import init_params
 from lenet_jax.predict import ImageError, image_paths, mnist_recipe, predict_digits, predict_images, read_grey
@@ -180,7 +181,7 @@ def test_a_pretrained_file_that_does_not_fit_its_config_is_refused(tmp_path):
     meta = json.loads((tmp_path / "m.json").read_text())
     meta["config"]["subsampling"] = "max"  # a model without S2/S4 parameters
     (tmp_path / "m.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="do not fit the model its config describes"):
+    with pytest.raises(DataError, match="do not fit the model its config describes"):
         pretrained.load(tmp_path / "m")
     meta["config"]["subsampling"] = "trainable"
     (tmp_path / "m.json").write_text(json.dumps(meta))
@@ -188,13 +189,13 @@ def test_a_pretrained_file_that_does_not_fit_its_config_is_refused(tmp_path):
         flat = {k: z[k].copy() for k in z.files}
     flat["C3/kernel"][2, 2, 5, 0] = 0.1  # C3 map 0 reads S2 maps 0-2 only
     np.savez(tmp_path / "m.npz", **flat)
-    with pytest.raises(ValueError, match="does not match the sha256 recorded in m.json"):
+    with pytest.raises(DataError, match="does not match the sha256 recorded in m.json"):
         pretrained.load(tmp_path / "m")
     meta["sha256"] = hashlib.sha256((tmp_path / "m.npz").read_bytes()).hexdigest()  # a file re-exported by hand
     (tmp_path / "m.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="C3 weights that table I disconnects are not zero"):
+    with pytest.raises(DataError, match="C3 weights that table I disconnects are not zero"):
         pretrained.load(tmp_path / "m")
-    with pytest.raises(ValueError, match="the pretrained model is missing"):
+    with pytest.raises(DataError, match="the pretrained model is missing"):
         pretrained.load(tmp_path / "absent")
 
 

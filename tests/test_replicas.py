@@ -14,6 +14,7 @@ import pytest
 from lenet_jax.cli.evaluate import main as eval_main
 from lenet_jax.cli.train import main as train_main
 from lenet_jax.config import Config
+from lenet_jax.errors import ConfigError
 from lenet_jax.factories import create_states
 from lenet_jax.inputs import pad_images
 from lenet_jax.steps import Strategy, epoch_batches, replicated_train_chunk, train_chunk, update_key
@@ -124,7 +125,7 @@ def test_seeds_are_refused_where_they_cannot_work(mnist, tmp_path, capsys):
     assert "give distinct whole numbers" in capsys.readouterr().err
     assert train_main(["--seeds", "0,1", "--seed", "3", "--workdir", str(tmp_path / "x")]) == 2
     assert "either --seed or --seeds" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="the fused kernel trains one model at a time"):
+    with pytest.raises(ConfigError, match="the fused kernel trains one model at a time"):
         fit_seeds(Config(step_impl="fused"), [0, 1], small(mnist, 50, 10), tmp_path / "y", **QUIET)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     jax.clear_caches()

@@ -15,6 +15,7 @@ import pytest
 from lenet_jax import checkpoint as ckpt
 from lenet_jax.checkpoint import restore_run
 from lenet_jax.config import Config
+from lenet_jax.errors import ConfigError
 from lenet_jax.factories import create_state, resolve
 from lenet_jax.inputs import pad_images
 from lenet_jax.layers import C3_TABLE, connection_mask
@@ -125,9 +126,9 @@ def test_refuses_to_overwrite_or_resume_a_different_model(mnist, tmp_path):
 
 
 def test_sizes_larger_than_the_data_are_refused(mnist, tmp_path):
-    with pytest.raises(ValueError, match="larger than the 100 training images"):
+    with pytest.raises(ConfigError, match="larger than the 100 training images"):
         fit(Config(batch_size=101, train_subset=100), small(mnist, 100), tmp_path, **QUIET)
-    with pytest.raises(ValueError, match="--train-subset 500 is larger than the 100 training images"):
+    with pytest.raises(ConfigError, match="--train-subset 500 is larger than the 100 training images"):
         fit(Config(train_subset=500), small(mnist, 100), tmp_path, **QUIET)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from lenet_jax.config import MODERN, Config
 from lenet_jax.conv import valid_conv
+from lenet_jax.errors import ConfigError
 from lenet_jax.factories import create_state, make_model, make_optimizer
 from lenet_jax.layers import ACTIVATIONS, C3_TABLE, FixedSubsampling, SeparableConv, connection_mask
 from lenet_jax.model import LeNet5, count_parameters, init_params, layer_table
@@ -144,7 +145,7 @@ def test_bad_variant_values_are_refused():
         (dict(dropout=1.0), "--dropout must be below 1.0"),
         (dict(weight_decay=-1.0), "--weight-decay must be at least 0.0"),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ConfigError, match=message):
             Config(**changes).validate()
     with pytest.raises(ValueError, match="unknown activation"):
         init_params(LeNet5(activation="gelu"), jax.random.key(0))

@@ -17,8 +17,8 @@ from lenet_jax.checkpoint import CHECKPOINTS, seed_folders
 from lenet_jax.cli import ArgumentParser, parse
 from lenet_jax.config import Config
 from lenet_jax.data import SOURCES, Dataset, load_dataset
-from lenet_jax.errors import ConfigError, command, path_error
-from lenet_jax.predict import MAX_PIXELS
+from lenet_jax.errors import ConfigError, command, fail, path_error
+from lenet_jax.predict import MAX_PIXELS, SERVE_MAX_PIXELS
 
 
 def positive_int(text: str) -> int:
@@ -53,10 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workdir", type=Path, help="a run folder written by train.py (default: the pretrained model)")
     where.add_argument("--checkpoint", type=Path, help="a checkpoints folder (or a run folder)")
-    parser.add_argument("--epoch", type=epoch_choice, default="best",
-                        help="which completed epoch: best (lowest validation error, else latest), latest, or a number")
+    parser.add_argument("--epoch", type=epoch_choice, default=argparse.SUPPRESS,  # absent unless given: --step may stand in for it
+                        help="which completed epoch of the run of --workdir or --checkpoint: best (lowest validation error, "
+                        "else latest), latest, or a number (default: best); refused without a run (the shipped model has no other epoch)")
     parser.add_argument("--step", type=epoch_choice, dest="step_alias", default=None, metavar="EPOCH",
-                        help="the earlier name of --epoch (it selects an epoch, not an update); it goes in a later version")
+                        help="the earlier name of --epoch (it selects an epoch, not an update); it goes in a later version; "
+                        "refused with --epoch, and without a run")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--image", type=Path, nargs="+", metavar="PATH",
                       help="predict the digit in these images (or the images in these folders), prepared like MNIST's digits")
@@ -69,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=port_number, default=8000, help="with --serve: the port (0: a free one)")
     parser.add_argument("--max-body", type=positive_int, default=1_000_000, help="with --serve: the largest image accepted, in bytes")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the human summary")
-    parser.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
-                        help="with --image: refuse images with more pixels than this (width x height)")
+    parser.add_argument("--max-pixels", type=positive_int, default=None,
+                        help="refuse images with more pixels than this (width x height), checked from the file's header "
+                        f"before decoding; default {MAX_PIXELS:,} with --image, {SERVE_MAX_PIXELS:,} with --serve "
+                        "(a drawing on the page is 78,400)")
     parser.add_argument("--data-source", choices=SOURCES, default=None, help="override the run's data source")
     parser.add_argument("--data-dir", default=None, help="override the run's IDX / tfds folder")
     parser.add_argument("--cache-dir", default=None, help="override the run's data cache folder")
@@ -82,11 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     path = args.workdir or args.checkpoint
-    which = args.epoch
-    if args.step_alias is not None:
-        print(f"note: --step {args.step_alias} selects epoch {args.step_alias} (checkpoints are numbered by update); "
-              "use --epoch, --step goes in a later version", file=sys.stderr)
-        which = args.step_alias
+    try:
+        which = chosen_epoch(args, path)
+    except ConfigError as e:
+        return fail(str(e))
     if args.serve:
         return run_server(path, which, args.host, args.port, args.max_body, args.max_pixels)
     if args.summary:
@@ -95,6 +98,23 @@ def main(argv: list[str] | None = None) -> int:
         return run_prediction(path, which, args.image, args.json, args.max_pixels)
     overrides = {"data_source": args.data_source, "data_dir": args.data_dir, "cache_dir": args.cache_dir}
     return run_evaluation(path, which, args.json, overrides, args.figures)
+
+
+def chosen_epoch(args: argparse.Namespace, path: Path | None) -> str:
+    """The epoch --epoch (or its earlier name --step, with its note) selects, "best" when
+    neither is given; ConfigError for both, or for either without a run to select in."""
+    given = [f"{name} {value}" for name, value in (("--epoch", getattr(args, "epoch", None)), ("--step", args.step_alias))
+             if value is not None]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)}: --step is the earlier name of --epoch; give one of them")
+    if given and path is None:
+        raise ConfigError(f"{given[0]} selects an epoch of a run: give its --workdir or --checkpoint (without them eval.py "
+                          "uses the shipped model, which has one epoch)")
+    if args.step_alias is not None:
+        print(f"note: --step {args.step_alias} selects epoch {args.step_alias} (checkpoints are numbered by update); "
+              "use --epoch, --step goes in a later version", file=sys.stderr)
+        return args.step_alias
+    return getattr(args, "epoch", "best")
 
 
 @dataclass
@@ -160,7 +180,7 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
 
 
 @command
-def run_server(path: Path | None, which: str, host: str, port: int, max_body: int, max_pixels: int = MAX_PIXELS) -> int:
+def run_server(path: Path | None, which: str, host: str, port: int, max_body: int, max_pixels: int | None = None) -> int:
     """Serve the draw-a-digit page for a run's model (the shipped one without ``path``)."""
     from lenet_jax import demo
 
@@ -170,7 +190,8 @@ def run_server(path: Path | None, which: str, host: str, port: int, max_body: in
     except ImportError:
         raise ConfigError(demo.MISSING) from None
     loaded = load_model(single_run(path), which)
-    reader = demo.DigitReader(loaded.params, loaded.config, loaded.name + (f", epoch {loaded.epoch}" if path is not None else ""), max_pixels)
+    name = loaded.name if path is None else f"{path.resolve().name}, epoch {loaded.epoch}"  # the folder's name: no path of this machine
+    reader = demo.DigitReader(loaded.params, loaded.config, name, max_pixels or SERVE_MAX_PIXELS)
     try:
         demo.serve(reader, host, port, max_body, say=lambda m: print(m, flush=True))
     except OSError as e:
@@ -196,7 +217,7 @@ def run_summary(path: Path | None, which: str = "best", as_json: bool = False) -
 
 
 @command
-def run_prediction(path: Path | None, which: str, images: list[Path], as_json: bool = False, max_pixels: int = MAX_PIXELS) -> int:
+def run_prediction(path: Path | None, which: str, images: list[Path], as_json: bool = False, max_pixels: int | None = None) -> int:
     """Predict the digit in each image, printing each batch's lines as it is done; exit
     code 2 if any image could not be used."""
     from lenet_jax.predict import format_prediction, image_paths, predict_stream
@@ -206,7 +227,7 @@ def run_prediction(path: Path | None, which: str, images: list[Path], as_json: b
         raise ConfigError("--image: no image files found in " + ", ".join(map(str, images)))
     loaded = load_model(single_run(path), which)
     total = failed = 0
-    for r in predict_stream(loaded.params, loaded.apply_fn, loaded.config.objective, paths, max_pixels):
+    for r in predict_stream(loaded.params, loaded.apply_fn, loaded.config.objective, paths, max_pixels or MAX_PIXELS):
         total += 1
         failed += r.error is not None
         if as_json:

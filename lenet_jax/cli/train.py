@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lenet_jax.checkpoint import CHECKPOINTS, METRICS, holds_checkpoints, seed_folders
 from lenet_jax.cli import ArgumentParser, parse
-from lenet_jax.config import PRESETS, Config, field_type, flag, preset
+from lenet_jax.config import PRESETS, Config, field_type, flag, preset, preset_label, settle_options
 from lenet_jax.errors import ConfigError, command
 from lenet_jax.fileio import claim, new_run_folder
 
@@ -54,7 +55,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
             parser.add_argument(flag(f.name), type=kind, default=default, help=help)
     parser.add_argument("--seeds", type=seed_list, metavar="S,S,...",
                         help="train one model per seed (instead of --seed), all in one compiled program, each into WORKDIR/seed-S; "
-                        "ends with the test error of each and their mean and spread")
+                        "ends with the test error of each and their mean and spread. Seeds whose memory, estimated before anything "
+                        "runs, exceeds what the device has free train in groups that fit, one group after the other (each group "
+                        "computes what it would alone); refused when not even one seed fits")
     parser.add_argument("--workdir", type=Path, help="where checkpoints, metrics.jsonl and config.json go (default: a new runs/<date-time>)")
     parser.add_argument(
         "--resume", action="store_true",
@@ -85,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     return parsed if isinstance(parsed, int) else run(*parsed)
 
 
-def resolve_config(args: argparse.Namespace, overrides: dict[str, Any], preset_given: bool) -> Config:
+def note_on_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_config(args: argparse.Namespace, overrides: dict[str, Any], preset_given: bool,
+                   note: Callable[[str], None] = note_on_stderr) -> Config:
     """The config a command line asks for: the preset (or, with --resume, the run's saved
-    config) with the options given on top, checked."""
+    config) with the options given on top, made coherent (``config.settle_options``: what
+    of the preset's was dropped goes to ``note``, once the config is known to be good)
+    and checked."""
     from lenet_jax.checkpoint import saved_config
 
     if args.resume:
@@ -101,7 +111,11 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any], preset_g
         base = saved_config(next(iter(folders.values())) if folders else args.workdir) or preset(args.preset)
     else:
         base = preset(args.preset)
-    return base.replace(**overrides).validate()
+    config, notes = settle_options(base, overrides, preset_label(args.preset), resume=args.resume)
+    config = config.validate()
+    for line in notes:
+        note(line)
+    return config
 
 
 @command
@@ -114,6 +128,23 @@ def run(args: argparse.Namespace, overrides: dict[str, Any], preset_given: bool)
     if seeds and "seed" in overrides:
         raise ConfigError("give either --seed or --seeds")
     return train(config, args.workdir, resume=args.resume, progress=not args.no_progress, distributed=args.distributed, seeds=seeds)
+
+
+def curvature_sample_used(config: Config, n_train: int, note: Callable[[str], None] = print) -> Config:
+    """``config`` with a --hessian-samples above the number of images it trains on (of a
+    training set of ``n_train``) replaced by that number, which is what the estimate
+    averages over, so that config.json records the number used; ``note`` says so (with
+    the run's other output: it is no mistake)."""
+    from lenet_jax.training import training_positions
+
+    if config.optimizer != "sdlm":
+        return config
+    size = training_positions(config, n_train)[0]
+    if config.hessian_samples <= size:
+        return config
+    note(f"note: --hessian-samples {config.hessian_samples:,} is more than the {size:,} training images: the Hessian estimate "
+         f"averages over all {size:,}, and config.json records {size:,}")
+    return config.replace(hessian_samples=size)
 
 
 def train(config: Config, workdir: Path | None, resume: bool = False, progress: bool = True, distributed: bool = False,
@@ -139,12 +170,14 @@ def train(config: Config, workdir: Path | None, resume: bool = False, progress: 
         with claim(workdir, lock=primary, created=created, durable=holds_checkpoints) as folder:
             dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=say)
             say(f"data: {dataset.source}")
+            if not resume:  # a resumed run goes on with its saved options
+                config = curvature_sample_used(config, len(dataset.train_labels), say)
             with stop.asking():
                 if seeds:
                     results = fit_seeds(config, seeds, dataset, folder, resume=resume, log=say, progress=progress, stop=stop)
                 else:
                     results = [fit(config, dataset, folder, resume=resume, log=say, progress=progress, stop=stop)]
-    if not all(r.finished for r in results):
+    if not all(r.finished for r in results) or len(results) < len(seeds or [0]):  # seeds in groups: a stop may leave some out
         say(f"to continue: python train.py --workdir {workdir} --resume")
         return 0
     if seeds:
