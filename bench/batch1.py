@@ -23,7 +23,7 @@ from bench import common
 from lenet_jax.config import Config
 from lenet_jax.factories import create_state
 from lenet_jax.inputs import pad_images
-from lenet_jax.steps import Strategy, epoch_batches, refresh_curvature, update_key
+from lenet_jax.steps import Strategy, epoch_batches, update_key
 
 
 def measure(samples: int = 10_000, check: int = 1_000, repeats: int = 3) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def measure(samples: int = 10_000, check: int = 1_000, repeats: int = 3) -> dict
     images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)
     n = len(ds.train_labels)
     base = Config()
-    start = refresh_curvature(create_state(base, n), images, labels, base, 1)
+    start = common.refresh_curvature(create_state(base, n), images, labels, base, 1)
     keys = update_key(0)
     results: dict[str, Any] = {}
     compile_s: dict[str, float] = {}

@@ -88,6 +88,14 @@ def emit(r: dict[str, Any], as_json: bool) -> None:
     print(json.dumps(r) if as_json else report(r), flush=True)
 
 
+def refresh_curvature(state: Any, images: Any, labels: Any, config: Any, epoch: int) -> Any:
+    """``state`` holding the curvature estimate a one-model run of ``config`` takes before
+    ``epoch`` (what training does as the epoch starts, through ``Strategy.refresh``)."""
+    from lenet_jax.steps import Strategy
+
+    return Strategy.build(config, replicas=1, updates_per_epoch=1).refresh(state, images, labels, [config], [None], epoch)
+
+
 def mnist() -> Any:
     """MNIST through the project's loader (cache, the IDX folder $LENET_JAX_DATA_DIR, ...)."""
     from lenet_jax.data import load_dataset

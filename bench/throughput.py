@@ -39,7 +39,6 @@ from lenet_jax.steps import (
     epoch_batches,
     estimate_hessian,
     evaluate_arrays,
-    refresh_curvature,
     replicated_train_chunk,
     update_key,
 )
@@ -65,7 +64,7 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
     def train(name: str, config: Config, batches: jax.Array, work: int) -> Any:
         state = create_state(config, n // config.batch_size)
         if config.optimizer == "sdlm":
-            state = refresh_curvature(state, images, labels, config, 1)
+            state = common.refresh_curvature(state, images, labels, config, 1)
         step, compile_s[name] = _compile(compiled_train_chunk, state, images, labels, batches, keys, objective=config.objective)
         state, _ = wait(step(state, images, labels, batches, keys))  # warm-up
         seconds = []
@@ -117,7 +116,7 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
         batches = epoch_batches(0, 2, n, 1)
         whole, compile_s["paper_pass"] = _compile(compiled_train_chunk, state, images, labels, batches, keys, objective=sdlm.objective)
         t0 = time.perf_counter()
-        state = wait(refresh_curvature(state, images, labels, sdlm, 2))
+        state = wait(common.refresh_curvature(state, images, labels, sdlm, 2))
         t1 = time.perf_counter()
         state, _ = wait(whole(state, images, labels, batches, keys))
         t2 = time.perf_counter()

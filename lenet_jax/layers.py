@@ -6,6 +6,7 @@ any number of leading batch dimensions folded into one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import flax.linen as nn
@@ -72,6 +73,25 @@ def fan_in_uniform(fan_in: np.ndarray | float, exponent: float = 1.0, scale: flo
         return jax.random.uniform(key, shape, dtype, -1.0, 1.0) * jnp.asarray(limit, dtype)
 
     return init
+
+
+@dataclass(frozen=True)
+class Init:
+    """How a layer's parameters start: weights uniform in +-scale / F**exponent, F the
+    fan-in of their unit (2.4 and 1: the paper's rule, appendix C), and biases drawn like
+    their unit's weights (``bias="fan_in"``) or at zero (``"zero"``)."""
+
+    exponent: float = 1.0
+    scale: float = INIT_SCALE
+    bias: str = "fan_in"
+
+    def weights(self, fan_in: np.ndarray | float) -> nn.initializers.Initializer:
+        """The initialiser of weights of fan-in ``fan_in`` (which may vary along the last axis)."""
+        return fan_in_uniform(fan_in, self.exponent, self.scale)
+
+    def biases(self, fan_in: np.ndarray | float) -> nn.initializers.Initializer:
+        """The initialiser of the biases of units of fan-in ``fan_in``."""
+        return bias_initializer(self.bias, fan_in, self.exponent, self.scale)
 
 
 def scaled_tanh(a: jax.Array, amplitude: float = AMPLITUDE, slope: float = SLOPE) -> jax.Array:
@@ -142,9 +162,7 @@ class TrainableSubsampling(nn.Module):
     the bound of that range."""
 
     window: int = 2
-    init_exponent: float = 1.0
-    init_scale: float = INIT_SCALE
-    bias_init: str = "fan_in"
+    initialization: Init = Init()
     coefficient_init: str = "fan_in"
 
     @nn.compact
@@ -154,13 +172,13 @@ class TrainableSubsampling(nn.Module):
         if h % k or w % k:
             raise ValueError(f"subsampling window {k} does not tile a {h}x{w} map")
         if self.coefficient_init == "fixed":
-            start = nn.initializers.constant(self.init_scale / float(k * k) ** self.init_exponent)
+            start = nn.initializers.constant(self.initialization.scale / float(k * k) ** self.initialization.exponent)
         elif self.coefficient_init == "fan_in":
-            start = fan_in_uniform(k * k, self.init_exponent, self.init_scale)
+            start = self.initialization.weights(k * k)
         else:
             raise ValueError(f"unknown coefficient initialisation {self.coefficient_init!r}; choose from {', '.join(COEFFICIENT_INITS)}")
         coefficient = self.param("coefficient", start, (c,))
-        bias = self.param("bias", bias_initializer(self.bias_init, k * k, self.init_exponent, self.init_scale), (c,))
+        bias = self.param("bias", self.initialization.biases(k * k), (c,))
         return window_sums(x, k) * coefficient + bias
 
 
@@ -212,9 +230,7 @@ class MaskedConv(nn.Module):
     features: int
     kernel_size: int = 5
     table: tuple[tuple[int, ...], ...] | None = None
-    init_exponent: float = 1.0
-    init_scale: float = INIT_SCALE
-    bias_init: str = "fan_in"
+    initialization: Init = Init()
     impl: str = "xla"
     precision: str = "float32"
 
@@ -231,13 +247,13 @@ class MaskedConv(nn.Module):
         k = self.kernel_size
         mask = self.mask(x.shape[-1])
         fan_in = k * k * mask.sum(axis=0)
-        weight_init = fan_in_uniform(fan_in, self.init_exponent, self.init_scale)
+        weight_init = self.initialization.weights(fan_in)
 
         def kernel_init(key, shape, dtype=jnp.float32):
             return weight_init(key, shape, dtype) * mask
 
         kernel = self.param("kernel", kernel_init, (k, k, x.shape[-1], self.features))
-        bias = self.param("bias", bias_initializer(self.bias_init, fan_in, self.init_exponent, self.init_scale), (self.features,))
+        bias = self.param("bias", self.initialization.biases(fan_in), (self.features,))
         return valid_conv(x, kernel * mask, self.impl, self.precision) + bias
 
 
@@ -250,25 +266,23 @@ class SeparableConv(nn.Module):
     features: int
     kernel_size: int = 5
     table: tuple[tuple[int, ...], ...] | None = None
-    init_exponent: float = 1.0
-    init_scale: float = INIT_SCALE
-    bias_init: str = "fan_in"
+    initialization: Init = Init()
     precision: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, c = self.kernel_size, x.shape[-1]
         h, w = x.shape[-3:-1]
-        depthwise = self.param("depthwise", fan_in_uniform(k * k, self.init_exponent, self.init_scale), (k, k, c))
+        depthwise = self.param("depthwise", self.initialization.weights(k * k), (k, k, c))
         ho, wo = h - k + 1, w - k + 1
         y = sum(x[..., i : i + ho, j : j + wo, :] * depthwise[i, j] for i in range(k) for j in range(k))
         mask = np.ones((c, self.features), np.float32) if self.table is None else connection_mask(self.table, c)
         if mask.shape[1] != self.features:
             raise ValueError(f"connection table has {mask.shape[1]} rows for {self.features} maps")
         fan_in = mask.sum(axis=0)
-        init = fan_in_uniform(fan_in, self.init_exponent, self.init_scale)
-        pointwise = self.param("pointwise", lambda key, shape: init(key, shape) * mask, (c, self.features))
-        bias = self.param("bias", bias_initializer(self.bias_init, fan_in, self.init_exponent, self.init_scale), (self.features,))
+        weight_init = self.initialization.weights(fan_in)
+        pointwise = self.param("pointwise", lambda key, shape: weight_init(key, shape) * mask, (c, self.features))
+        bias = self.param("bias", self.initialization.biases(fan_in), (self.features,))
         return prec.matmul(y, pointwise * mask, self.precision) + bias
 
 
@@ -276,16 +290,14 @@ class FullConnection(nn.Module):
     """F6 (and the softmax head): a dense layer with the paper's fan-in initialisation."""
 
     features: int
-    init_exponent: float = 1.0
-    init_scale: float = INIT_SCALE
-    bias_init: str = "fan_in"
+    initialization: Init = Init()
     precision: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = x.shape[-1]
-        kernel = self.param("kernel", fan_in_uniform(fan_in, self.init_exponent, self.init_scale), (fan_in, self.features))
-        bias = self.param("bias", bias_initializer(self.bias_init, fan_in, self.init_exponent, self.init_scale), (self.features,))
+        kernel = self.param("kernel", self.initialization.weights(fan_in), (fan_in, self.features))
+        bias = self.param("bias", self.initialization.biases(fan_in), (self.features,))
         return prec.matmul(x, kernel, self.precision) + bias
 
 

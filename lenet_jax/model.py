@@ -22,10 +22,10 @@ from lenet_jax.layers import (
     ACTIVATIONS,
     C3_TABLE,
     COEFFICIENT_INITS,
-    INIT_SCALE,
     EuclideanRBF,
     FixedSubsampling,
     FullConnection,
+    Init,
     MaskedConv,
     SeparableConv,
     TrainableSubsampling,
@@ -53,13 +53,13 @@ class LeNet5(nn.Module):
     (mapped to pixel x 0.01 on a 0 background first; ``inputs.rescale``).
     coefficient_init: S2/S4's coefficients uniform like weights (``"fan_in"``) or all at
     the bound of that range (``"fixed"``; the Lush code's 0.5).
-    init_scale, init_exponent: weights start uniform in +-init_scale / F**init_exponent,
-    F the fan-in (2.4 and 1: the paper).
+    initialization: how weights and biases start (``layers.Init``: weights uniform in +-scale /
+    F**exponent, F the fan-in, 2.4 and 1 the paper's; biases like their unit's weights or
+    zero), passed on to every layer.
     conv_impl: how C1, C3 and C5 are computed ("xla", "patches" or "custom_vjp", the same
     function; see ``lenet_jax.conv``).
     precision: the policy of every matrix product and convolution ("float32", "tf32",
     "bfloat16"; see ``lenet_jax.precision``).
-    bias_init: "fan_in" (biases drawn like their unit's weights) or "zero".
 
     The modern counterparts of the paper's components, one switch each (the defaults are
     the paper's): ``activation`` ("scaled_tanh", "relu", "selu"), ``subsampling``
@@ -70,11 +70,9 @@ class LeNet5(nn.Module):
     """
 
     head: str = "rbf"
-    init_exponent: float = 1.0
-    init_scale: float = INIT_SCALE
+    initialization: Init = Init()
     conv_impl: str = "patches"
     precision: str = "float32"
-    bias_init: str = "fan_in"
     activation: str = "scaled_tanh"
     subsampling: str = "trainable"
     c3: str = "table"
@@ -95,30 +93,29 @@ class LeNet5(nn.Module):
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"the dropout rate must be in [0, 1), got {self.dropout}")
-        init = dict(init_exponent=self.init_exponent, init_scale=self.init_scale, bias_init=self.bias_init)
+        init = self.initialization
         conv = dict(impl=self.conv_impl, precision=self.precision)
-        self.C1 = MaskedConv(features=6, **init, **conv)
+        self.C1 = MaskedConv(features=6, initialization=init, **conv)
         self.S2 = self._subsampling()
         if self.conv == "separable":
-            self.C3 = SeparableConv(features=16, table=self.c3_table, precision=self.precision, **init)
-            self.C5 = SeparableConv(features=120, precision=self.precision, **init)
+            self.C3 = SeparableConv(features=16, table=self.c3_table, precision=self.precision, initialization=init)
+            self.C5 = SeparableConv(features=120, precision=self.precision, initialization=init)
         else:
-            self.C3 = MaskedConv(features=16, table=self.c3_table, **init, **conv)
-            self.C5 = MaskedConv(features=120, **init, **conv)
+            self.C3 = MaskedConv(features=16, table=self.c3_table, initialization=init, **conv)
+            self.C5 = MaskedConv(features=120, initialization=init, **conv)
         self.S4 = self._subsampling()
         if self.head != "squashed":
-            self.F6 = FullConnection(features=84, precision=self.precision, **init)
+            self.F6 = FullConnection(features=84, precision=self.precision, initialization=init)
         self.squash = ACTIVATIONS[self.activation]()
         self.drop = nn.Dropout(rate=self.dropout)
         if self.head in ("softmax", "squashed"):
-            self.output = FullConnection(features=10, precision=self.precision, **init)
+            self.output = FullConnection(features=10, precision=self.precision, initialization=init)
         else:
             self.rbf = EuclideanRBF()
 
     def _subsampling(self) -> nn.Module:
         if self.subsampling == "trainable":
-            return TrainableSubsampling(init_exponent=self.init_exponent, init_scale=self.init_scale, bias_init=self.bias_init,
-                                        coefficient_init=self.coefficient_init)
+            return TrainableSubsampling(initialization=self.initialization, coefficient_init=self.coefficient_init)
         return FixedSubsampling(kind=self.subsampling)
 
     @property

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lenet_jax.errors import ConfigError
+from lenet_jax.errors import ConfigError, first_line
 
 AXIS = "data"
 
@@ -61,8 +61,7 @@ def initialize_distributed(requested: bool = False, environ: Mapping[str, str] =
     try:
         jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"could not join the JAX cluster ({kind or 'auto-detected'}): {first}") from None
+        raise ConfigError(f"could not join the JAX cluster ({kind or 'auto-detected'}): {first_line(e, type(e).__name__)}") from None
     return True
 
 

@@ -202,14 +202,6 @@ def _decode(source: Any, where: str, max_pixels: int) -> Picture:
         raise ImageError(f"{where}: not a readable image ({type(e).__name__})") from None
 
 
-def read_grey(path: Path | str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """The image at ``path`` as a float (H, W) array in [0, 255], 255 white (see ``read_picture``)."""
-    grey = read_picture(path, max_pixels).grey
-    if grey.size == 0:
-        raise ImageError(f"{path}: the image is empty (0 pixels)")
-    return grey
-
-
 def mnist_recipe(grey: np.ndarray, where: str = "<image>") -> np.ndarray:
     """A uint8 (28, 28) MNIST-style digit (ink high, background 0) from a grey image.
 

@@ -28,6 +28,7 @@ from lenet_jax.config import Config
 from lenet_jax.errors import DataError, command
 from lenet_jax.factories import make_model
 from lenet_jax.fileio import atomic_write, atomic_write_text
+from lenet_jax.finite import all_finite
 from lenet_jax.layers import connection_mask
 from lenet_jax.model import init_params
 
@@ -111,7 +112,7 @@ def load(base: Path | str | None = None) -> tuple[Any, Config, dict[str, Any]]:
         raise DataError(f"{npz}: its parameters do not fit the model its config describes")
     if any(flat[k].dtype != np.float32 for k in flat):
         raise DataError(f"{npz}: its parameters are not float32")
-    if not all(np.all(np.isfinite(v)) for v in flat.values()):
+    if not bool(all_finite(flat)):
         raise DataError(f"{npz}: holds parameters that are NaN or infinite")
     if model.c3_table is not None and config.conv == "plain":
         mask = connection_mask(model.c3_table, flat["C3/kernel"].shape[2])

@@ -26,6 +26,7 @@ from lenet_jax.config import Config
 from lenet_jax.distort import Distortion, distort_batch
 from lenet_jax.errors import ConfigError
 from lenet_jax.factories import make_model, make_schedule, step_impl_for
+from lenet_jax.finite import all_finite
 from lenet_jax.inputs import preprocess
 from lenet_jax.losses import Objective
 from lenet_jax.model import LeNet5
@@ -119,12 +120,7 @@ def train_chunk(
 
     zero = {"loss": jnp.zeros((), jnp.float32), "errors": jnp.zeros((), jnp.int32), "finite": jnp.ones((), bool)}
     (state, totals), _ = jax.lax.scan(body, (state, zero), batches)
-    return state, dict(totals, finite=totals["finite"] & tree_all_finite(state.params))
-
-
-def tree_all_finite(tree: Any) -> jax.Array:
-    """Whether every entry of every leaf of ``tree`` is finite, as a boolean array."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+    return state, dict(totals, finite=totals["finite"] & all_finite(state.params))
 
 
 compiled_train_chunk = jax.jit(train_chunk, static_argnames=CHUNK_STATIC, donate_argnames=("state",))
@@ -224,13 +220,6 @@ def curvature_sample(config: Config, epoch: int, n: int) -> tuple[jax.Array, jax
     return pick, jax.random.fold_in(key, 1)
 
 
-def refresh_curvature(state: TrainState, images: jax.Array, labels: jax.Array, config: Config, epoch: int) -> TrainState:
-    """Before an epoch: average the estimate over ``config.hessian_samples`` random
-    training patterns and hold it fixed in the optimiser state for the epoch (appendix C).
-    The patterns are the same on every device: the average is over the global sample."""
-    return Strategy.build(config, replicas=1, updates_per_epoch=1).refresh(state, images, labels, [config], [None], epoch)
-
-
 # --------------------------------------------------------------------------- several models at once
 
 
@@ -242,8 +231,8 @@ class Strategy:
     and keys stacked along a leading model axis, the data shared.
 
     ``stack`` and ``unstack`` move between the models' own values and what the compiled
-    programs take: R = 1 leaves a value as it is, so one model's run is exactly the
-    program it always was."""
+    programs take: R = 1 leaves a value as it is (no model axis), so one model runs the
+    compiled chunk on its own state."""
 
     replicas: int
     chunk: Chunk = field(repr=False)
@@ -289,8 +278,9 @@ class Strategy:
     def refresh(self, state: TrainState, images: jax.Array, labels: jax.Array, configs: list[Config],
                 train_index: list[jax.Array | None], epoch: int) -> TrainState:
         """Each model's curvature estimate before ``epoch``, over its own sample of its own
-        training patterns (positions mapped through ``train_index`` when it has one),
-        put into its optimiser state."""
+        training patterns (``curvature_sample``: drawn or the first ones, as its
+        ``--hessian-sample`` says; positions mapped through ``train_index`` when it has
+        one), put into its optimiser state, which holds it for the epoch (appendix C)."""
         picks, keys = [], []
         for config, index in zip(configs, train_index):
             n = labels.shape[0] if index is None else index.shape[0]

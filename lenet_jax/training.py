@@ -2,22 +2,23 @@
 its own, and resume them from wherever they stopped.
 
 ``fit`` trains one model (R = 1); ``fit_seeds`` trains one model per seed, all in one
-compiled program, each into ``WORKDIR/seed-S``. Both are the same loop: the
-``Experiment`` holds what the models share (the config, the data on the device, the
+compiled program, each into ``WORKDIR/seed-S``. Both are the same ``_fit``: build what
+the config describes (``build``), open the run folders (``runs.open``), loop.
+The ``Experiment`` holds what the models share (the config, the data on the device, the
 mesh, the ``steps.Strategy`` that computes their chunks of updates and curvature
-refreshes), each ``ModelRun`` what one model writes (its folder, checkpoint writer,
-training positions and validation set).
+refreshes), each ``ModelRun`` what is one model's own (its ``runs.Run``, training
+positions and validation set), ``Controls`` how the loop reports and is stopped.
 
 The loop is thin: it runs the compiled chunk on each slice of the epoch's batches,
-refreshes SDLM's curvature before each epoch, evaluates after it, and saves. Where a
-model stands is its update count (``checkpoint.Position``); everything random is
-derived from the seed and that count, so a run stopped anywhere resumes bit for bit.
+refreshes SDLM's curvature when an epoch starts (as ``--hessian-refresh`` says), evaluates
+after the epoch, and saves. Where a model stands is its update count
+(``checkpoint.Position``); everything random is derived from the seed and that count, so
+a run stopped anywhere resumes bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import statistics
 import time
@@ -32,15 +33,17 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lenet_jax import checkpoint as ckpt
-from lenet_jax.checkpoint import CHECKPOINTS, CONFIG, METRICS, SEED_FOLDER, Position
+from lenet_jax import runs
+from lenet_jax.checkpoint import CHECKPOINTS, SEED_FOLDER, Position
 from lenet_jax.config import Config
 from lenet_jax.data import Dataset, validation_split
-from lenet_jax.errors import CheckpointError, ConfigError, Diverged
+from lenet_jax.errors import ConfigError, Diverged
 from lenet_jax.factories import create_states, make_model, resolve
-from lenet_jax.fileio import RunFolder, claim
+from lenet_jax.fileio import RunFolder
 from lenet_jax.inputs import pad_images
-from lenet_jax.model import count_parameters
+from lenet_jax.model import LeNet5, count_parameters
 from lenet_jax.parallel import choose_devices, data_mesh, is_primary, put_replicated
+from lenet_jax.runs import Run, Start, zero_totals
 from lenet_jax.sdlm import uses_curvature
 from lenet_jax.steps import Strategy, epoch_batches, evaluate, update_key
 
@@ -72,11 +75,12 @@ class RunResult:
 
 @dataclass(frozen=True)
 class Experiment:
-    """What the models trained together share: the config (the first model's seed), the
-    training and test data on the device, the mesh, the strategy, the chunking, and how
-    the run reports and is stopped."""
+    """What the models trained together share: the config (the first model's seed), its
+    model, the training and test data on the device, the mesh, the strategy and the
+    chunking of an epoch."""
 
     config: Config
+    model: LeNet5
     images: jax.Array
     labels: jax.Array
     test: tuple[jax.Array, jax.Array]
@@ -84,43 +88,33 @@ class Experiment:
     strategy: Strategy
     updates_per_epoch: int
     chunk_len: int
-    say: Callable[[str], None]
-    progress: bool
-    stop: Callable[[], bool]
-    data: str
     infer_fn: Callable = field(repr=False)
 
 
 @dataclass(frozen=True)
+class Controls:
+    """How the loop reports (``say``, a progress bar) and is stopped (``stop`` is asked
+    after every compiled chunk)."""
+
+    say: Callable[[str], None]
+    progress: bool
+    stop: Callable[[], bool]
+
+
+@dataclass(frozen=True)
 class ModelRun:
-    """What one model of an experiment writes and reads on its own: its config (its
-    seed), its run folder and checkpoint writer, the positions of its training images in
-    the training set (None: all of them, in order) and its validation set."""
+    """What is one model's own in an experiment: its config (its seed), its run folder
+    (``runs.Run``), the positions of its training images in the training set (None: all
+    of them, in order) and its validation set."""
 
     config: Config
-    folder: RunFolder
-    mngr: Any
+    run: Run
     train_index: jax.Array | None
     validation: tuple[jax.Array, jax.Array] | None
 
     @property
     def workdir(self) -> Path:
-        return self.folder.path
-
-
-class Start(NamedTuple):
-    """Where one model starts: its state, history and position, the running sums of the
-    epoch it is inside, and whether the epoch it ended still awaits its evaluation."""
-
-    state: TrainState
-    history: list[dict[str, Any]]
-    position: Position
-    totals: dict[str, float]
-    pending: bool = False
-
-
-def zero_totals() -> dict[str, float]:
-    return {"loss": 0.0, "errors": 0, "seconds": 0.0}
+        return self.run.path
 
 
 def training_positions(config: Config, n: int) -> tuple[int, np.ndarray | None, np.ndarray | None]:
@@ -299,129 +293,72 @@ def fit_seeds(
     return results
 
 
-def _check_layout(root: Path, seeds: list[int], several: bool, resume: bool) -> None:
-    """Refuse, before anything is written, a folder that holds the other kind of run, or
-    a resume that names other seeds than the run has."""
-    existing = ckpt.seed_folders(root)
-    if several and ckpt.is_single_run(root):
-        raise ConfigError(f"--workdir {root} holds a run of one model; --seeds writes one folder per seed: choose another --workdir")
-    if not several and existing:
-        raise ConfigError(f"--workdir {root} holds a run of several seeds ({', '.join(p.name for p in existing.values())}): "
-                          f"resume it with --resume and no --seed, or give one seed's folder")
-    if several and resume and existing and sorted(existing) != sorted(seeds):
-        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: the run in {root} has seeds {','.join(map(str, existing))}; "
-                          "--resume continues all of them (give no --seeds)")
+class Built(NamedTuple):
+    """What a training builds of its config: the config resolved (``resolve``), one config
+    per seed, the model and its inference function, a fresh state per seed, the mesh and
+    the strategy that computes the updates."""
+
+    config: Config
+    configs: list[Config]
+    model: LeNet5
+    infer_fn: Callable[..., Any]
+    states: list[TrainState]
+    mesh: Mesh
+    strategy: Strategy
+
+
+def build(config: Config, seeds: list[int], updates_per_epoch: int, one_device: bool = False) -> Built:
+    """Everything a training of ``config`` for ``seeds`` builds, from the config resolved
+    once: on one device (``one_device``: seeds trained together share it) or on the
+    devices ``config.devices`` asks for."""
+    config = resolve(config.validate())
+    configs = [config.replace(seed=s).validate() for s in seeds]
+    mesh = data_mesh(1 if one_device else choose_devices(config.batch_size, config.devices))
+    strategy = Strategy.build(config, len(seeds), updates_per_epoch, mesh)
+    states = create_states(config, updates_per_epoch, seeds)
+    return Built(config, configs, make_model(config), make_model(config, inference=True).apply, states, mesh, strategy)
 
 
 def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str | RunFolder, resume: bool,
          log: Callable[[str], None], progress: bool, stop: Callable[[], bool], several: bool,
          layout: list[int] | None = None) -> list[RunResult]:
-    config = resolve(config.validate())
-    configs = [config.replace(seed=s).validate() for s in seeds]
-    primary = is_primary()
-    say = log if primary else (lambda message: None)
-    root = workdir.path if isinstance(workdir, RunFolder) else Path(workdir)
-    n_train = len(dataset.train_labels)
-    positions = [training_positions(c, n_train) for c in configs]
-    size = positions[0][0]
-    updates = size // config.batch_size
-    first = positions[0][1] is None  # the first `size` images: held as their own array, as one model's run always did
-    mesh = data_mesh(1 if several else choose_devices(config.batch_size, config.devices))
-    strategy = Strategy.build(config, len(seeds), updates, mesh)
-    if primary:
-        _check_layout(root, layout or seeds, several, resume)  # layout: all of the run's seeds, when trained in groups
-    durable = ckpt.holds_checkpoints
-    with contextlib.ExitStack() as held:
-        top = workdir if isinstance(workdir, RunFolder) else held.enter_context(claim(root, lock=primary, durable=durable))
-        folders = [held.enter_context(claim(root / SEED_FOLDER.format(s), lock=primary, durable=durable)) for s in seeds] if several else [top]
-        templates = create_states(config, updates, seeds)
-        managers = []
-        for folder in folders:
-            if primary and not (folder.path / CHECKPOINTS).exists():
-                folder.record(folder.path / CHECKPOINTS)
-            managers.append(held.enter_context(contextlib.closing(ckpt.writer(folder.path / CHECKPOINTS))))
-        starts = [start_or_resume(c, t, updates, m, resume, f.path, say) for c, t, m, f in zip(configs, templates, managers, folders)]
-        starts = _common_start(starts, configs, templates, updates, managers, folders, say) if several else starts
-        if primary:
-            for c, folder, s in zip(configs, folders, starts):
-                folder.create_file_if_new(CONFIG, json.dumps(c.to_dict(), indent=2) + "\n")
-                if not (folder.path / METRICS).exists():
-                    folder.record(folder.path / METRICS)
-                write_metrics(folder.path, s.history, say)
-        device = lambda x: put_replicated(x, mesh)  # noqa: E731
-        models = [
-            ModelRun(config=c, folder=f, mngr=m, train_index=None if kept is None else device(kept.astype(np.int32)),
-                     validation=None if held_out is None else (device(dataset.train_images[held_out]), device(dataset.train_labels[held_out])))
-            for c, f, m, (_, kept, held_out) in zip(configs, folders, managers, positions)
-        ]
-        shown = slice(0, size) if first else slice(None)
-        experiment = Experiment(
-            config=config, images=device(pad_images(dataset.train_images[shown])), labels=device(dataset.train_labels[shown]),
-            test=(device(dataset.test_images), device(dataset.test_labels)), mesh=mesh, strategy=strategy,
-            updates_per_epoch=updates, chunk_len=math.ceil(updates / min(config.chunks, updates)), say=say,
-            progress=progress and primary, stop=stop, data=dataset.source, infer_fn=make_model(config, inference=True).apply,
-        )
-        return _train(experiment, models, starts)
+    """Build, open, loop (``layout``: all of the run's seeds, when they train in groups)."""
+    config = config.validate()
+    positions = [training_positions(config.replace(seed=s), len(dataset.train_labels)) for s in seeds]
+    updates = positions[0][0] // config.batch_size
+    built = build(config, seeds, updates, one_device=several)
+    say = log if is_primary() else (lambda message: None)
+    with runs.open(workdir, built.configs, built.states, updates, resume, several, dataset.source, say, layout) as (opened, starts):
+        experiment, models = _place(built, dataset, positions, opened, updates)
+        return _train(experiment, models, starts, Controls(say, progress and is_primary(), stop))
 
 
-def start_or_resume(
-    config: Config, template: TrainState, updates: int, mngr: Any, resume: bool, workdir: Path, say: Callable[[str], None],
-    newest: int | None = None,
-) -> Start:
-    """Where one model starts: a fresh state, or with ``resume`` the newest checkpoint
-    (at most ``newest``) that loads and fits ``config``. A damaged step is moved aside,
-    never deleted."""
-    if mngr.latest_step() is None:
-        if resume:
-            say(f"{workdir} holds no checkpoint yet: starting the run")
-        return Start(template, [], Position(1, 0, updates), zero_totals())
-    if not resume:
-        raise CheckpointError(f"{workdir} already holds checkpoints: pass --resume to continue it or choose another --workdir")
-
-    def check(record: dict[str, Any]) -> None:
-        if record.get("format") not in ckpt.RESUMABLE_FORMATS:
-            raise CheckpointError(f"{workdir}: its checkpoints were written by an earlier lenet-jax (numbered by epoch); "
-                                  "eval.py reads them, but a run can only be resumed by the version that wrote it")
-        if "config" not in record:
-            raise CheckpointError(f"{workdir}: a checkpoint record without its config")
-        conflicts = config.resume_conflicts(Config.from_dict(record["config"], f"{workdir} checkpoint"))
-        if conflicts:
-            raise CheckpointError("cannot resume, the checkpoint was written with different " + ", ".join(conflicts))
-        if ckpt.updates_of(record) != updates:
-            raise CheckpointError(f"{workdir}: the run has {ckpt.updates_of(record)} updates per epoch, this data gives {updates}")
-
-    def aside(step: int) -> str:
-        return f"moved to {ckpt.move_aside(mngr, step)}"
-
-    step, state, record = ckpt.restore_newest_good(mngr, lambda record: template, newest=newest, check=check, log=say, damaged=aside)
-    for newer in [s for s in mngr.all_steps() if s > step]:
-        say(f"checkpoint step {newer} is newer than the one resumed; {aside(newer)}")
-    position = Position.of_step(int(state.step), updates)
-    if position.epoch > config.epochs:
-        done = position.epoch if position.complete else position.epoch - 1
-        raise ConfigError(f"--epochs {config.epochs}: the run in {workdir} has already completed {done} epochs"
-                          + ("" if position.complete else f" and is inside epoch {position.epoch}"))
-    pending = position.complete and "metrics" not in record and "totals" in record
-    totals = {k: record["totals"][k] for k in zero_totals()} if (pending or not position.complete) else zero_totals()
-    say(f"resuming {workdir} at {position.describe()}" + (" (its evaluation is still to do)" if pending else ""))
-    return Start(state, list(record.get("history", [])), position, totals, pending)
-
-
-def _common_start(starts: list[Start], configs: list[Config], templates: list[TrainState], updates: int, managers: list[Any],
-                  folders: list[RunFolder], say: Callable[[str], None]) -> list[Start]:
-    """The seeds of a run resume together, from the newest position all of them reached
-    (a run stopped while it saved its seeds has some a save ahead: those steps are moved
-    aside, never deleted, and computed again)."""
-    common = min(s.position.step for s in starts)
-    return [s if s.position.step == common else
-            start_or_resume(c, t, updates, m, True, f.path, say, newest=common)
-            for s, c, t, m, f in zip(starts, configs, templates, managers, folders)]
+def _place(built: Built, dataset: Dataset, positions: list[tuple[int, np.ndarray | None, np.ndarray | None]], opened: list[Run],
+           updates: int) -> tuple[Experiment, list[ModelRun]]:
+    """The data on the devices of the mesh: the training images (the first ``size`` ones
+    alone when no model takes others), the test set, each model's positions of its
+    training images and its validation set."""
+    device = lambda x: put_replicated(x, built.mesh)  # noqa: E731
+    models = [
+        ModelRun(config=run.config, run=run, train_index=None if kept is None else device(kept.astype(np.int32)),
+                 validation=None if held_out is None else (device(dataset.train_images[held_out]), device(dataset.train_labels[held_out])))
+        for run, (_, kept, held_out) in zip(opened, positions)
+    ]
+    size, first = positions[0][0], positions[0][1] is None
+    shown = slice(0, size) if first else slice(None)
+    config = built.config
+    experiment = Experiment(
+        config=config, model=built.model, images=device(pad_images(dataset.train_images[shown])), labels=device(dataset.train_labels[shown]),
+        test=(device(dataset.test_images), device(dataset.test_labels)), mesh=built.mesh, strategy=built.strategy,
+        updates_per_epoch=updates, chunk_len=math.ceil(updates / min(config.chunks, updates)), infer_fn=built.infer_fn,
+    )
+    return experiment, models
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def _train(exp: Experiment, models: list[ModelRun], starts: list[Start]) -> list[RunResult]:
+def _train(exp: Experiment, models: list[ModelRun], starts: list[Start], ctl: Controls) -> list[RunResult]:
     """The epochs from where the models stand to the last, each saved when it completes;
     a stop request saves every model where it is and returns."""
     config, s = exp.config, exp.strategy
@@ -429,29 +366,29 @@ def _train(exp: Experiment, models: list[ModelRun], starts: list[Start]) -> list
     histories = [start.history for start in starts]
     start = starts[0].position
     seeds = f"; seeds {','.join(str(m.config.seed) for m in models)}" if len(models) > 1 else ""
-    exp.say(describe_run(config, starts[0].state, exp.updates_per_epoch * config.batch_size, exp.mesh) + seeds)
+    ctl.say(describe_run(config, starts[0].state, exp.updates_per_epoch * config.batch_size, exp.mesh, exp.model) + seeds)
 
     def results(position: Position) -> list[RunResult]:
         return [RunResult(s.unstack(state, r), histories[r], m.workdir, position, config.epochs) for r, m in enumerate(models)]
 
     if starts[0].pending:
-        if _end_epoch(exp, models, state, histories, start, [st.totals for st in starts], saved=True):
+        if _end_epoch(exp, ctl, models, state, histories, start, [st.totals for st in starts], saved=True):
             return results(start)
     first = start.epoch + 1 if start.complete else start.epoch
     position = start
     for epoch in range(first, config.epochs + 1):
         resumed = epoch == start.epoch
         totals = [st.totals for st in starts] if resumed else [zero_totals() for _ in models]
-        state, totals, done = _train_epoch(exp, models, state, epoch, start.update if resumed else 0, totals)
+        state, totals, done = _train_epoch(exp, ctl, models, state, epoch, start.update if resumed else 0, totals)
         position = Position(epoch, done, exp.updates_per_epoch)
         if not position.complete:
             _save_all(exp, models, state, histories, position, [{"totals": t} for t in totals])
-            exp.say(f"stopped in epoch {epoch} after {done:,} of {exp.updates_per_epoch:,} updates; {_where(models)}")
+            ctl.say(f"stopped in epoch {epoch} after {done:,} of {exp.updates_per_epoch:,} updates; {_where(models)}")
             return results(position)
-        if _end_epoch(exp, models, state, histories, position, totals, saved=False):
+        if _end_epoch(exp, ctl, models, state, histories, position, totals, saved=False):
             return results(position)
-        if epoch < config.epochs and exp.stop():
-            exp.say(f"stopped after epoch {epoch}; {_where(models)}")
+        if epoch < config.epochs and ctl.stop():
+            ctl.say(f"stopped after epoch {epoch}; {_where(models)}")
             return results(position)
     return results(position)
 
@@ -462,9 +399,10 @@ def _where(models: list[ModelRun]) -> str:
     return f"checkpoints in {models[0].workdir.parent}/seed-*"
 
 
-def describe_run(config: Config, state: TrainState, images: int, mesh: Mesh) -> str:
-    """The run's first line: the model, the optimiser, the data and how it executes."""
-    parameters = count_parameters(state.params, make_model(config).c3_table)
+def describe_run(config: Config, state: TrainState, images: int, mesh: Mesh, model: LeNet5 | None = None) -> str:
+    """The run's first line: the model (``config``'s, unless given), the optimiser, the
+    data and how it executes."""
+    parameters = count_parameters(state.params, (model or make_model(config)).c3_table)
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     return (
         f"training LeNet-5 ({config.head} head, {config.loss} loss, {parameters:,} parameters) "
@@ -482,7 +420,7 @@ def wait(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
-def _train_epoch(exp: Experiment, models: list[ModelRun], state: TrainState, epoch: int, first: int,
+def _train_epoch(exp: Experiment, ctl: Controls, models: list[ModelRun], state: TrainState, epoch: int, first: int,
                  totals: list[dict[str, float]]) -> tuple[TrainState, list[dict[str, float]], int]:
     """Updates ``first``.. of ``epoch`` for every model, chunk by chunk (the curvature
     refreshed first when the epoch starts); returns the state, each model's running sums
@@ -496,7 +434,7 @@ def _train_epoch(exp: Experiment, models: list[ModelRun], state: TrainState, epo
     batches = [b if m.train_index is None else m.train_index[b] for b, m in zip(batches, models)]
     keys = s.stack([update_key(m.config.seed) for m in models])
     bs, r = config.batch_size, len(models)
-    bar = tqdm(total=updates * bs * r, initial=first * bs * r, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not exp.progress, leave=False)
+    bar = tqdm(total=updates * bs * r, initial=first * bs * r, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not ctl.progress, leave=False)
     done = first
     try:
         for c in range(first, updates, exp.chunk_len):
@@ -511,7 +449,7 @@ def _train_epoch(exp: Experiment, models: list[ModelRun], state: TrainState, epo
             totals = [{"loss": t["loss"] + float(losses[i]), "errors": t["errors"] + int(errors[i]), "seconds": t["seconds"]}
                       for i, t in enumerate(totals)]
             bar.update((done - c) * bs * r)
-            if done < updates and exp.stop():
+            if done < updates and ctl.stop():
                 break
     finally:
         bar.close()
@@ -524,7 +462,7 @@ def _divergence(models: list[ModelRun], finite: np.ndarray, epoch: int, c: int, 
     the last good checkpoint."""
     bad = [m for m, ok in zip(models, finite) if not ok]
     who = "" if len(models) == 1 else f" for seed(s) {','.join(str(m.config.seed) for m in bad)}"
-    last = max(bad[0].mngr.all_steps(), default=None)
+    last = bad[0].run.last_step()
     if len(models) == 1:
         where = f"{Position.of_step(last, updates).describe()} in {models[0].workdir / CHECKPOINTS}" if last is not None else "none"
         good = f"the last good checkpoint is {where}"
@@ -533,7 +471,7 @@ def _divergence(models: list[ModelRun], finite: np.ndarray, epoch: int, c: int, 
     return f"the loss or the parameters became NaN or infinite{who} in epoch {epoch}, updates {c + 1}-{done} of {updates}; {good}"
 
 
-def _end_epoch(exp: Experiment, models: list[ModelRun], state: TrainState, histories: list[list[dict[str, Any]]],
+def _end_epoch(exp: Experiment, ctl: Controls, models: list[ModelRun], state: TrainState, histories: list[list[dict[str, Any]]],
                position: Position, totals: list[dict[str, float]], saved: bool) -> bool:
     """Evaluate every model after a completed epoch, save it with its row, log the rows
     and check that no model answers at chance. A stop request between two models'
@@ -542,10 +480,10 @@ def _end_epoch(exp: Experiment, models: list[ModelRun], state: TrainState, histo
     s, epoch = exp.strategy, position.epoch
     rows, chance = [], []
     for r, m in enumerate(models):
-        if r > 0 and exp.stop():  # each model's test set takes a while: many models must not delay a stop
+        if r > 0 and ctl.stop():  # each model's test set takes a while: many models must not delay a stop
             if not saved:
                 _save_all(exp, models, state, histories, position, [{"totals": t} for t in totals])
-            exp.say(f"stopped at the end of epoch {epoch}, before its evaluation; {_where(models)}")
+            ctl.say(f"stopped at the end of epoch {epoch}, before its evaluation; {_where(models)}")
             return True
         row, at_chance = evaluate_epoch(exp, m, s.unstack(state, r), epoch, totals[r])
         rows.append(row)
@@ -555,23 +493,22 @@ def _end_epoch(exp: Experiment, models: list[ModelRun], state: TrainState, histo
     if not saved:
         _save_all(exp, models, state, histories, position, [{"metrics": row} for row in rows])
     for m, row in zip(models, rows):
-        if is_primary():
-            append_metrics(m.workdir, row, exp.say)
+        m.run.log(row)
     if len(models) == 1:
         row = rows[0]
         val = f"  val {row['val_error']:.2%}" if "val_error" in row else ""
-        exp.say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_error']:.2%}{val}"
+        ctl.say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_error']:.2%}{val}"
                 f"  test {row['test_error']:.2%}  {row['seconds']:.1f}s")
     else:
         errors = [row["test_error"] for row in rows]
-        exp.say(f"epoch {epoch:3d}  test " + "  ".join(f"{e:.2%}" for e in errors) + f"  (mean {statistics.mean(errors):.2%})  {rows[0]['seconds']:.1f}s")
+        ctl.say(f"epoch {epoch:3d}  test " + "  ".join(f"{e:.2%}" for e in errors) + f"  (mean {mean_and_spread(errors)[0]:.2%})  {rows[0]['seconds']:.1f}s")
     if any(chance):
         who = "" if len(models) == 1 else f" (seed(s) {','.join(str(m.config.seed) for m, c in zip(models, chance) if c)})"
         line = (f"epoch {epoch}: the network answers at chance{who}: its units have likely saturated "
                 "(a learning rate too large for the initialisation, or a mu too small)")
         if exp.config.stop_at_chance:
             raise Diverged(f"{line}; stopped (the checkpoint of epoch {epoch} is kept; --no-stop-at-chance goes on)")
-        exp.say(f"warning: {line}")
+        ctl.say(f"warning: {line}")
     return False
 
 
@@ -601,50 +538,24 @@ def _save_all(exp: Experiment, models: list[ModelRun], state: TrainState, histor
     """Save every model at ``position``, then prune each: a run stopped while it saves
     keeps every step the saved models had before."""
     for r, m in enumerate(models):
-        record = {"epoch": position.epoch, "update": position.update, "updates_per_epoch": exp.updates_per_epoch,
-                  "config": m.config.to_dict(), "data": exp.data, "history": histories[r], **extras[r]}
-        ckpt.save(m.mngr, position.step, exp.strategy.unstack(state, r), record)
+        m.run.save(position, exp.strategy.unstack(state, r), histories[r], **extras[r])
     for m in models:
-        ckpt.prune(m.mngr, m.config.keep)
+        m.run.prune()
 
 
-# --------------------------------------------------------------------------- the metrics log
+# --------------------------------------------------------------------------- several seeds' results
 
 
-def metrics_line(row: dict[str, Any]) -> str:
-    """One row as strict JSON: a value that is not a finite number is written as null,
-    and named in ``non_finite``."""
-    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
-    clean = {k: (None if k in bad else v) for k, v in row.items()}
-    if bad:
-        clean["non_finite"] = bad
-    return json.dumps(clean, allow_nan=False) + "\n"
-
-
-def write_metrics(workdir: Path, history: list[dict[str, Any]], say: Callable[[str], None]) -> None:
-    """The metrics log rewritten from the checkpointed history: each epoch once, whatever
-    earlier runs of the folder appended."""
-    from lenet_jax.fileio import atomic_write_text
-
-    try:
-        atomic_write_text(workdir / METRICS, "".join(metrics_line(row) for row in history))
-    except OSError as e:
-        say(f"warning: cannot write {workdir / METRICS} ({e.strerror or type(e).__name__}); the checkpoints hold the history")
-
-
-def append_metrics(workdir: Path, row: dict[str, Any], say: Callable[[str], None]) -> None:
-    try:
-        with open(workdir / METRICS, "a") as f:
-            f.write(metrics_line(row))
-    except OSError as e:
-        say(f"warning: cannot write {workdir / METRICS} ({e.strerror or type(e).__name__}); the checkpoint of epoch {row['epoch']} holds it")
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """The mean of per-seed ``values`` and their sample standard deviation (0 for one)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def seeds_table(results: dict[int, float]) -> str:
     """Per-seed test errors, then their mean and sample standard deviation."""
     lines = ["seed  test error"] + [f"{s:>4d}  {e:.2%}" for s, e in results.items()]
     values = list(results.values())
-    spread = f" ± {statistics.stdev(values):.2%}" if len(values) > 1 else ""
-    lines.append(f"mean  {statistics.mean(values):.2%}{spread} over {len(values)} seed(s)")
+    mean, spread = mean_and_spread(values)
+    lines.append(f"mean  {mean:.2%}" + (f" ± {spread:.2%}" if len(values) > 1 else "") + f" over {len(values)} seed(s)")
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ from lenet_jax.config import Config
 from lenet_jax.distort import Distortion, distort_batch, random_affine, warp
 from lenet_jax.factories import create_state
 from lenet_jax.inputs import BACKGROUND, preprocess
-from lenet_jax.steps import train_chunk
+from lenet_jax.steps import Strategy, train_chunk
 from lenet_jax.training import fit
 
 from conftest import QUIET, one_line, small
@@ -78,14 +78,26 @@ def test_distorted_training_differs_and_is_reproducible(mnist):
     assert not np.allclose(plain["F6"]["kernel"], a["F6"]["kernel"])
 
 
+def test_the_chunks_of_a_distorted_run_are_given_its_distortion():
+    """``Strategy.build`` hands ``--distort``'s ``Distortion`` to the compiled chunk, of one
+    model and of several (what the chunk does with it: the slow tests above and below)."""
+    for replicas in (1, 2):
+        plain = Strategy.build(Config(), replicas=replicas, updates_per_epoch=8).chunk
+        distorted = Strategy.build(Config(distort=True, distort_translate=1.5), replicas=replicas, updates_per_epoch=8).chunk
+        assert plain.keywords["augment"] is None
+        assert distorted.keywords["augment"] == Distortion(translate=1.5) != Distortion()
+
+
 @pytest.mark.slow
 def test_distorted_run_resumes_exactly(mnist, tmp_path):
     data = small(mnist, 200, 100)
     config = Config(epochs=2, train_subset=200, hessian_samples=20, distort=True, dropout=0.2)
     straight = fit(config, data, tmp_path / "a", **QUIET)
-    fit(config.replace(epochs=1), data, tmp_path / "b", **QUIET)
+    first = fit(config.replace(epochs=1), data, tmp_path / "b", **QUIET)
     resumed = fit(config, data, tmp_path / "b", resume=True, **QUIET)
     chex.assert_trees_all_equal(straight.state.params, resumed.state.params)
+    undistorted = fit(config.replace(epochs=1, distort=False), data, tmp_path / "c", **QUIET)  # the run above did distort
+    assert not np.allclose(first.state.params["C1"]["kernel"], undistorted.state.params["C1"]["kernel"], rtol=0, atol=1e-7)
 
 
 def test_each_image_gets_its_own_draw_applied_to_the_padded_input(mnist):

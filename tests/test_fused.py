@@ -15,10 +15,10 @@ from lenet_jax.errors import ConfigError
 from lenet_jax.factories import create_state, make_schedule, step_impl_for
 from lenet_jax.inputs import pad_images
 from lenet_jax.sdlm import get_hessian, set_hessian
-from lenet_jax.steps import compiled_train_chunk, epoch_batches, refresh_curvature, update_key
+from lenet_jax.steps import compiled_train_chunk, epoch_batches, update_key
 from lenet_jax.training import fit
 
-from conftest import QUIET, small
+from conftest import QUIET, refresh_curvature, small
 
 
 @pytest.fixture(scope="module")
@@ -31,41 +31,46 @@ def start(mnist):
     return config, images, labels, state
 
 
-def test_the_fused_kernel_computes_what_the_xla_path_computes(start):
-    """100 batch-1 SDLM updates of real digits: the same parameters to float32 rounding
-    (measured: under 1e-6 relative), the same error count, the same loss, the same
-    optimiser position."""
-    config, images, labels, state = start
-    batches = epoch_batches(0, 1, 600, 1)[:100]
-    xla, m_xla = compiled_train_chunk(jax.tree.map(jnp.copy, state), images, labels, batches, update_key(0), objective=config.objective)
-    got, m = fused.fused_train_chunk(jax.tree.map(jnp.copy, state), images, labels, batches, schedule=make_schedule(config, 600),
-                                     mu=config.mu, j=config.map_j, interpret=True)
-    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(xla.params)):  # rounding scales with the largest entry
-        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
-    assert int(m["errors"]) == int(m_xla["errors"]) and float(m["loss"]) == pytest.approx(float(m_xla["loss"]), rel=1e-5)
-    assert int(got.step) == int(xla.step) == 100
-    count = optax.tree_utils.tree_get
-    assert int(count(got.opt_state, "count")) == int(count(xla.opt_state, "count")) == 100  # the schedule moved on with the step
-    chex.assert_trees_all_equal(get_hessian(got.opt_state), get_hessian(xla.opt_state))  # held for the pass
-
-
-def test_the_fused_kernel_steps_each_update_at_its_own_learning_rate(start):
-    """30 updates across the paper schedule's change of rate (10 updates per epoch: epoch 2
-    to 3 at update 20, 2.5e-4 to 1e-4) from the same state: the XLA path and the kernel
-    agree to 1e-6 relative, so one update stepped at its neighbour's rate would show."""
+@pytest.fixture(scope="module")
+def across_a_change_of_rate(start):
+    """30 updates of real digits from the refreshed state, by the XLA path and by the
+    kernel, across the paper schedule's change of rate (10 updates per epoch: epoch 2 to
+    3 at update 20, 2.5e-4 to 1e-4): the state they start from, then each one's state and
+    metrics after."""
     config, images, labels, state = start
     at = dict(step=jnp.asarray(10, jnp.int32))
-    xla_state = create_state(config, 10)  # the optimiser of a run with 10 updates per epoch
-    xla_state = xla_state.replace(params=state.params, opt_state=optax.tree_utils.tree_set(
-        set_hessian(xla_state.opt_state, get_hessian(state.opt_state)), count=jnp.asarray(10, jnp.int32)), **at)
+    before = create_state(config, 10)  # the optimiser of a run with 10 updates per epoch
+    before = before.replace(params=state.params, opt_state=optax.tree_utils.tree_set(
+        set_hessian(before.opt_state, get_hessian(state.opt_state)), count=jnp.asarray(10, jnp.int32)), **at)
     schedule = make_schedule(config, 10)
     assert float(schedule(19)) != float(schedule(20))
     batches = epoch_batches(0, 1, 600, 1)[:30]
-    xla, _ = compiled_train_chunk(jax.tree.map(jnp.copy, xla_state), images, labels, batches, update_key(0), objective=config.objective)
-    got, _ = fused.fused_train_chunk(jax.tree.map(jnp.copy, xla_state), images, labels, batches, schedule=schedule, mu=config.mu,
-                                     j=config.map_j, interpret=True)
-    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(xla.params)):
+    xla = compiled_train_chunk(jax.tree.map(jnp.copy, before), images, labels, batches, update_key(0), objective=config.objective)
+    got = fused.fused_train_chunk(jax.tree.map(jnp.copy, before), images, labels, batches, schedule=schedule, mu=config.mu,
+                                  j=config.map_j, interpret=True)
+    return before, xla, got
+
+
+def test_the_fused_kernel_computes_what_the_xla_path_computes(across_a_change_of_rate):
+    """30 batch-1 SDLM updates of real digits: the same error count, the same loss, the
+    same optimiser position, the curvature estimate held (the parameters: below)."""
+    before, (xla, m_xla), (got, m) = across_a_change_of_rate
+    assert int(m["errors"]) == int(m_xla["errors"]) and float(m["loss"]) == pytest.approx(float(m_xla["loss"]), rel=1e-5)
+    assert bool(m["finite"]) and bool(m_xla["finite"])
+    assert int(got.step) == int(xla.step) == 40
+    count = optax.tree_utils.tree_get
+    assert int(count(got.opt_state, "count")) == int(count(xla.opt_state, "count")) == 40  # the schedule moved on with the step
+    chex.assert_trees_all_equal(get_hessian(got.opt_state), get_hessian(xla.opt_state), get_hessian(before.opt_state))  # held
+
+
+def test_the_fused_kernel_steps_each_update_at_its_own_learning_rate(across_a_change_of_rate):
+    """The same parameters as the XLA path's after the 30 updates across the change of
+    rate, to float32 rounding (measured: under 1e-6 relative, the rounding scaling with a
+    leaf's largest entry), so one update stepped at its neighbour's rate would show."""
+    before, (xla, _), (got, _) = across_a_change_of_rate
+    for a, b, start in zip(jax.tree.leaves(got.params), jax.tree.leaves(xla.params), jax.tree.leaves(before.params)):
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-6 * float(jnp.max(jnp.abs(b)))
+        assert not bool(jnp.all(a == start))  # every leaf moved
 
 
 def test_packing_the_parameters_is_lossless(rbf_model):

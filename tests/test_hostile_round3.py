@@ -29,7 +29,8 @@ from lenet_jax.config import Config
 from lenet_jax.errors import Diverged
 from lenet_jax.factories import create_state
 from lenet_jax.predict import predict_images
-from lenet_jax.training import fit, fit_seeds, metrics_line
+from lenet_jax.runs import metrics_line
+from lenet_jax.training import fit, fit_seeds
 
 from conftest import QUIET, ROOT, one_line, run_script, small, write_idx_folder
 

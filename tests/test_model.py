@@ -15,6 +15,7 @@ from lenet_jax.layers import (
     C3_TABLE,
     EuclideanRBF,
     FullConnection,
+    Init,
     MaskedConv,
     ScaledTanh,
     TrainableSubsampling,
@@ -142,7 +143,7 @@ def test_initialisation_is_uniform_in_2_4_over_fan_in(seed):
 
 
 def test_init_exponent_one_half_scales_by_square_root_of_fan_in():
-    params = init_params(LeNet5(init_exponent=0.5), jax.random.key(0))
+    params = init_params(LeNet5(initialization=Init(exponent=0.5)), jax.random.key(0))
     assert float(jnp.max(jnp.abs(params["C5"]["kernel"]))) <= 2.4 / 20
     assert float(jnp.max(jnp.abs(params["C5"]["kernel"]))) > 0.9 * 2.4 / 20
 

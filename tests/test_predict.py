@@ -20,7 +20,7 @@ from lenet_jax.config import Config
 from lenet_jax.errors import DataError
 from lenet_jax.factories import make_model
 from lenet_jax.model import init_params
-from lenet_jax.predict import ImageError, image_paths, mnist_recipe, predict_digits, predict_images, read_grey
+from lenet_jax.predict import ImageError, image_paths, mnist_recipe, predict_digits, predict_images, read_picture
 from lenet_jax.steps import evaluate
 
 from conftest import numpy_rbf_penalties, run_script
@@ -58,7 +58,7 @@ def centre_of_mass(img: np.ndarray) -> np.ndarray:
 
 def test_recipe_recovers_an_mnist_digit_from_a_photo_of_it(mnist, tmp_path):
     digit = mnist.test_images[3]
-    got = mnist_recipe(read_grey(photo_of(digit, tmp_path / "d.png", size=(196, 196))))  # 7x, aspect kept
+    got = mnist_recipe(read_picture(photo_of(digit, tmp_path / "d.png", size=(196, 196))).grey)  # 7x, aspect kept
     assert got.shape == (28, 28) and got.dtype == np.uint8
     rows, cols = np.nonzero(got > 0.2 * got.max())
     assert max(np.ptp(rows), np.ptp(cols)) + 1 in (19, 20, 21)  # the longer side fills the 20-pixel box
@@ -96,14 +96,14 @@ def test_bad_images_get_a_named_error(tmp_path, make, message):
     path = tmp_path / "bad.png"
     make(path)
     with pytest.raises(ImageError, match=f"{path}: {message}"):
-        mnist_recipe(read_grey(path), str(path))
+        mnist_recipe(read_picture(path).grey, str(path))
 
 
 def test_missing_file_and_folder_are_named(tmp_path):
     with pytest.raises(ImageError, match="no such file"):
-        read_grey(tmp_path / "nope.png")
+        read_picture(tmp_path / "nope.png")
     with pytest.raises(ImageError, match="is a folder"):
-        read_grey(tmp_path)
+        read_picture(tmp_path)
 
 
 def test_pretrained_model_reads_photos_and_skips_bad_images(mnist, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lenet_jax.inputs import preprocess  # noqa: E402
+from lenet_jax.layers import Init  # noqa: E402
 from lenet_jax.losses import Objective  # noqa: E402
 from lenet_jax.model import LeNet5, init_params  # noqa: E402
 
@@ -24,7 +25,7 @@ def baseline():
 
 @pytest.mark.slow
 def test_same_weights_same_loss_and_gradients(baseline, mnist):
-    model = LeNet5(init_exponent=0.6)
+    model = LeNet5(initialization=Init(exponent=0.6))
     params = init_params(model, jax.random.key(3))
     images, labels = mnist.train_images[:16], mnist.train_labels[:16]
     objective = Objective("rbf", "map")

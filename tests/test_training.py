@@ -17,9 +17,8 @@ from lenet_jax.checkpoint import restore_run
 from lenet_jax.config import Config
 from lenet_jax.errors import ConfigError
 from lenet_jax.factories import create_state, resolve
-from lenet_jax.inputs import pad_images
 from lenet_jax.layers import C3_TABLE, connection_mask
-from lenet_jax.steps import CHUNK_STATIC, epoch_batches, evaluate, evaluate_arrays, refresh_curvature, train_chunk, update_key
+from lenet_jax.steps import CHUNK_STATIC, evaluate, evaluate_arrays, train_chunk
 from lenet_jax.training import fit
 
 from conftest import QUIET, small
@@ -205,20 +204,17 @@ def test_a_diverging_run_stops_naming_where_and_keeps_the_last_good_checkpoint(m
     assert record["epoch"] == 1
 
 
-def test_the_compiled_chunk_is_traced_once_for_a_whole_run(mnist):
-    """The chunks of a pass, and the next pass after a curvature refresh, all reuse one
-    compiled program: a change that made the state's structure or dtypes drift between
-    calls (and so recompiled every chunk) fails here."""
-    config = Config(hessian_samples=10, dropout=0.1)
-    chunk = jax.jit(chex.assert_max_traces(train_chunk, n=1), static_argnames=CHUNK_STATIC, donate_argnames=("state",))
-    images, labels = pad_images(jnp.asarray(mnist.train_images[:60])), jnp.asarray(mnist.train_labels[:60])
-    state = create_state(config, 60)
-    for epoch in (1, 2):
-        state = refresh_curvature(state, images, labels, config, epoch)
-        batches = epoch_batches(config.seed, epoch, 60, 1)
-        for c in range(0, 60, 20):
-            state, _ = chunk(state, images, labels, batches[c : c + 20], update_key(config.seed), objective=config.objective)
-    assert int(state.step) == 120
+def test_the_compiled_chunk_is_traced_once_for_a_whole_run(mnist, tmp_path, monkeypatch):
+    """The project's own loop: the chunks of a pass, and the next pass after a curvature
+    refresh, all reuse one compiled program. A change that made the state's structure or
+    dtypes drift between calls (and so traced every chunk again) fails here."""
+    from lenet_jax import steps
+
+    traced = jax.jit(chex.assert_max_traces(train_chunk, n=1), static_argnames=CHUNK_STATIC, donate_argnames=("state",))
+    monkeypatch.setattr(steps, "compiled_train_chunk", traced)  # what Strategy.build takes for one model
+    config = Config(epochs=2, train_subset=60, hessian_samples=10, dropout=0.1, chunks=3, stop_at_chance=False)
+    result = fit(config, small(mnist, 60, 20), tmp_path, **QUIET)
+    assert int(result.state.step) == 120 and [r["epoch"] for r in result.history] == [1, 2]
 
 
 def rewrite_record(step_folder, change) -> None:

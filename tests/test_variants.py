@@ -16,10 +16,9 @@ from lenet_jax.errors import ConfigError
 from lenet_jax.factories import create_state, make_model, make_optimizer
 from lenet_jax.layers import ACTIVATIONS, C3_TABLE, FixedSubsampling, SeparableConv, connection_mask
 from lenet_jax.model import LeNet5, count_parameters, init_params, layer_table
-from lenet_jax.steps import refresh_curvature
 from lenet_jax.training import fit
 
-from conftest import QUIET, estimate, paper_diagonal, small
+from conftest import QUIET, estimate, paper_diagonal, refresh_curvature, small
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
@@ -160,7 +159,8 @@ def test_auto_convolutions_resolve_by_use():
     assert make_model(Config(conv_impl="xla"), forward_mode=True).conv_impl == "xla"
 
 
-@pytest.mark.parametrize("estimator", ["paper", pytest.param("gauss_newton", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~8 s; the fast tier has the paths' equality, forward and backward (test_model), and the estimators on one path
+@pytest.mark.parametrize("estimator", ["paper", "gauss_newton"])
 def test_curvature_estimates_agree_on_every_convolution_path(estimator, digits):
     x, y = digits[0][:2], digits[1][:2]
     params = init_params(LeNet5(), jax.random.key(4))

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lenet_jax.checkpoint import CHECKPOINTS, seed_folders
+from lenet_jax.checkpoint import several_seeds
 from lenet_jax.cli import ArgumentParser, parse
 from lenet_jax.config import Config
 from lenet_jax.data import SOURCES, Dataset, load_dataset
@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--serve", action="store_true",
                       help="serve a web page to draw digits on and watch every layer read them (needs the demo extra)")
     parser.add_argument("--host", default="127.0.0.1", help="with --serve: the address to listen on (another than loopback lets "
-                        "anyone who can reach the port use the page)")
+                        "anyone who can reach the port use the page); a request's Host header must name it or a loopback name "
+                        "(for 0.0.0.0 or ::, this machine's name too), and a POST's Origin the page's own")
     parser.add_argument("--port", type=port_number, default=8000, help="with --serve: the port (0: a free one)")
-    parser.add_argument("--max-body", type=positive_int, default=1_000_000, help="with --serve: the largest image accepted, in bytes")
+    parser.add_argument("--max-body", type=positive_int, default=1_000_000, help="with --serve: the largest image accepted, in bytes (a body still arriving after 10 s is refused too)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the human summary")
     parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help="refuse images with more pixels than this (width x height), checked from the file's header "
@@ -132,9 +133,10 @@ class LoadedModel:
 
 def single_run(path: Path | None) -> Path | None:
     """``path``, refused when it is the folder of a several-seed run (which holds models)."""
-    if path is not None and not (path / CHECKPOINTS).is_dir() and seed_folders(path):
-        names = ", ".join(p.name for p in seed_folders(path).values())
-        raise ConfigError(f"{path} holds a run of several seeds ({names}): give one seed's folder, e.g. {path}/{next(iter(seed_folders(path).values())).name}")
+    folders = {} if path is None else several_seeds(path)
+    if folders:
+        names = ", ".join(p.name for p in folders.values())
+        raise ConfigError(f"{path} holds a run of several seeds ({names}): give one seed's folder, e.g. {path}/{next(iter(folders.values())).name}")
     return path
 
 
@@ -301,9 +303,9 @@ def run_evaluation(
     dataset's test split; with ``figures``, write the PNG figures there too. A run of
     several seeds (``train.py --seeds``) is evaluated seed by seed, with the mean."""
     from lenet_jax.fileio import check_writable_folder
-    from lenet_jax.training import seeds_table
+    from lenet_jax.training import mean_and_spread, seeds_table
 
-    folders = seed_folders(path) if path is not None and not (path / CHECKPOINTS).is_dir() else {}
+    folders = {} if path is None else several_seeds(path)
     if folders:
         if figures is not None:
             raise ConfigError(f"--figures draws one model: give --workdir {path}/seed-S")
@@ -311,11 +313,10 @@ def run_evaluation(
         errors = {s: r["test_error"] for s, r in reports.items()}
         epochs = {s: r["epoch"] for s, r in reports.items()}
         level = len(set(epochs.values())) == 1
-        values = list(errors.values())
+        mean, spread = mean_and_spread(list(errors.values()))
         if as_json:
             print(json.dumps({"seeds": reports, "epochs": epochs,
-                              "mean_test_error": float(np.mean(values)) if level else None,
-                              "std_test_error": (float(np.std(values, ddof=1)) if len(values) > 1 else 0.0) if level else None}))
+                              "mean_test_error": float(mean) if level else None, "std_test_error": float(spread) if level else None}))
         elif level:
             print(seeds_table(errors))
         else:
