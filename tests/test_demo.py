@@ -122,6 +122,11 @@ def test_the_server_survives_a_thousand_malformed_requests_and_a_hundred_concurr
             method, path, body, headers, expected = malformed[i % len(malformed)]
             if headers.get("Content-Length") == "5000000000":
                 status, _ = raw_declared_too_large(port)
+            elif expected == 413:  # the server answers at the cap and closes: the rest of the body may meet a reset
+                try:
+                    status, _ = request(port, method, path, body, headers)
+                except (ConnectionResetError, BrokenPipeError):
+                    status = 413
             else:
                 status, _ = request(port, method, path, body, headers)
             statuses.append((status, expected))
