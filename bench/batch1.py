@@ -5,7 +5,7 @@ Both start from the same refreshed state and train on the same patterns; the che
 largest relative difference of any parameter after --check updates (float32 rounding:
 about 1e-6 on the CPU) and the error counts. On the CPU the fused kernel runs in Pallas'
 interpret mode, so its speed there means nothing; on a GPU it is the figure that decides
-``--step-impl auto``.
+``--update-impl auto``.
 
     python -m bench.batch1 [--json] [--samples 10000] [--check 1000]
 """
@@ -23,7 +23,7 @@ from bench import common
 from lenet_jax.config import Config
 from lenet_jax.factories import create_state
 from lenet_jax.inputs import pad_images
-from lenet_jax.steps import Strategy, epoch_batches, update_key
+from lenet_jax.updates import Strategy, epoch_batches, update_key
 
 
 def measure(samples: int = 10_000, check: int = 1_000, repeats: int = 3) -> dict[str, Any]:
@@ -37,7 +37,7 @@ def measure(samples: int = 10_000, check: int = 1_000, repeats: int = 3) -> dict
     compile_s: dict[str, float] = {}
     finals = {}
     for impl in ("xla", "fused"):
-        config = base.replace(step_impl=impl)
+        config = base.replace(update_impl=impl)
         chunk = Strategy.build(config, 1, n).chunk
         first = epoch_batches(0, 1, n, 1)[:check]
         t0 = time.perf_counter()

@@ -91,9 +91,9 @@ def emit(r: dict[str, Any], as_json: bool) -> None:
 def refresh_curvature(state: Any, images: Any, labels: Any, config: Any, epoch: int) -> Any:
     """``state`` holding the curvature estimate a one-model run of ``config`` takes before
     ``epoch`` (what training does as the epoch starts, through ``Strategy.refresh``)."""
-    from lenet_jax.steps import Strategy
+    from lenet_jax.updates import Strategy
 
-    return Strategy.build(config, replicas=1, updates_per_epoch=1).refresh(state, images, labels, [config], [None], epoch)
+    return Strategy.build(config, n_seeds=1, updates_per_epoch=1).refresh(state, images, labels, [config], [None], epoch)
 
 
 def mnist() -> Any:

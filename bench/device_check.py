@@ -112,8 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         s["compare"] = {"status": "skipped: PyTorch is not installed"}
 
     if args.tables:
-        name = "throughput_replicas_8"
-        s[name] = stage(name, py + ["-m", "bench.throughput", "--json", "--replicas", "8", *sizes], out, 240, env)
+        name = "throughput_seeds_8"
+        s[name] = stage(name, py + ["-m", "bench.throughput", "--json", "--seeds", "8", *sizes], out, 240, env)
         s[name]["result"] = last_json(s[name]["stdout"])
         for impl in ("xla", "patches", "custom_vjp"):
             name = f"throughput_conv_{impl}"

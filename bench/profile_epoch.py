@@ -1,11 +1,11 @@
 """Where a compiled training epoch spends its time, per layer and per XLA operation.
 
-Traces a piece of the compiled epoch (``train_chunk``: the scan of ``train_step``) with
+Traces a piece of the compiled epoch (``train_chunk``: the scan of ``train_update``) with
 ``jax.profiler``, reads the per-operation times from the trace, and maps each operation
 to the layer and direction (forward, or backward: autodiff's transpose) that produced it,
 from the metadata of the compiled HLO. Real MNIST, after a warm-up call.
 
-    python -m bench.profile_epoch [--batch-size 256] [--conv-impl auto] [--steps N] [--top 15]
+    python -m bench.profile_epoch [--batch-size 256] [--conv-impl auto] [--updates N] [--top 15]
 
 Batch size 1 profiles SDLM (the paper's mode), any other plain SGD, as
 ``bench.throughput`` does.
@@ -30,7 +30,7 @@ from lenet_jax.conv import CONV_IMPLS
 from lenet_jax.factories import create_state, make_model
 from lenet_jax.inputs import pad_images
 from lenet_jax.model import STAGES
-from lenet_jax.steps import epoch_batches, train_chunk
+from lenet_jax.updates import epoch_batches, train_chunk
 
 SQUASH = "squashing, every layer"
 OP_LINE = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--conv-impl", default="auto", choices=("auto",) + CONV_IMPLS)
-    parser.add_argument("--steps", type=int, default=0, help="updates traced (default: 30,720 images' worth)")
+    parser.add_argument("--updates", "--steps", type=int, default=0, dest="updates", help="updates traced (default: 30,720 images' worth)")
     parser.add_argument("--top", type=int, default=15, help="operations listed")
     args = parser.parse_args()
 
@@ -74,11 +74,11 @@ def main() -> None:
     ds = common.mnist()
     images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)
     n = len(ds.train_labels)
-    steps = args.steps or max(1, 30_720 // bs)
-    batches = epoch_batches(config.seed, 1, n, bs)[:steps]
+    updates = args.updates or max(1, 30_720 // bs)
+    batches = epoch_batches(config.seed, 1, n, bs)[:updates]
     state = create_state(config, n // bs)
-    step = jax.jit(lambda s, b: train_chunk(s, images, labels, b, objective=config.objective))
-    compiled = step.lower(state, batches).compile()
+    chunk = jax.jit(lambda s, b: train_chunk(s, images, labels, b, objective=config.objective))
+    compiled = chunk.lower(state, batches).compile()
     names = dict(m.groups() for line in compiled.as_text().splitlines() if (m := OP_LINE.match(line)))
     jax.block_until_ready(compiled(state, batches))
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -86,12 +86,12 @@ def main() -> None:
             jax.block_until_ready(compiled(state, batches))
         times = op_times(trace_dir)
 
-    per_step = {op: us / 1000 / steps for op, us in times.items()}
-    total = sum(per_step.values())
+    per_update = {op: us / 1000 / updates for op, us in times.items()}
+    total = sum(per_update.values())
     layers: dict[tuple[str, str], float] = collections.defaultdict(float)
-    for op, ms in per_step.items():
+    for op, ms in per_update.items():
         layers[where(names.get(op))] += ms
-    print(f"batch {bs}, conv {make_model(config).conv_impl}, {steps} updates traced; ms per update, summed over operations: {total:.3f}")
+    print(f"batch {bs}, conv {make_model(config).conv_impl}, {updates} updates traced; ms per update, summed over operations: {total:.3f}")
     print(f"{'layer':24s} {'forward':>9s} {'backward':>9s}")
     for layer in list(STAGES) + [SQUASH, "head and loss", "optimizer, data, loop"]:
         f, b = layers.get((layer, "forward"), 0.0), layers.get((layer, "backward"), 0.0)
@@ -99,10 +99,10 @@ def main() -> None:
             print(f"{layer:24s} {f:9.3f} {b:9.3f}")
     if layers.get(("no metadata", "")):
         print(f"{'(ops without metadata)':24s} {layers[('no metadata', '')]:9.3f}")
-    loop = sum(ms for op, ms in per_step.items() if op.startswith("while"))
+    loop = sum(ms for op, ms in per_update.items() if op.startswith("while"))
     print(f"of which the scan's while thunk itself: {loop:.3f} (at small batches tracing adds its own cost to every thunk)")
     print(f"\ntop {args.top} operations (ms per update, layer, direction):")
-    for op, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]:
+    for op, ms in sorted(per_update.items(), key=lambda kv: -kv[1])[: args.top]:
         layer, direction = where(names.get(op))
         print(f"{ms:8.3f}  {layer:22s} {direction:9s} {op}")
 

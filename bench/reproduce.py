@@ -234,7 +234,7 @@ def speed() -> str:
     """docs/speed.md's tables: throughput (a whole epoch, three seeds, each convolution
     path), the per-layer profile, the C1 layouts tried, the comparison with PyTorch (needs
     torch), the demo page's speed, and docs/demo.png from the browser test."""
-    out = [module("bench.throughput", "--pass", "--replicas", "3")]
+    out = [module("bench.throughput", "--pass", "--seeds", "3")]
     out += [module("bench.throughput", "--conv-impl", impl) for impl in ("patches", "xla")]
     out += [module("bench.profile_epoch"), module("bench.c1_layouts")]
     try:

@@ -7,8 +7,8 @@
   sdlm_refresh   one SDLM Hessian refresh over 500 training patterns, in seconds
   paper_pass     with --pass: one whole pass of the paper's training (refresh and 60,000
                  batch-1 updates), in seconds
-  train_b1_xN    with --replicas N: batch-1 SDLM for N seeds in one compiled program,
-                 model-updates per second (all N together)
+  train_b1_xN    with --seeds N: batch-1 SDLM for N seeds in one compiled program,
+                 seed-updates per second (all N together)
   compile_s      seconds to lower and compile each program
 
 Rates are the best and the median of --repeats timed runs after a warm-up.
@@ -27,19 +27,19 @@ import jax
 from bench import common
 from lenet_jax.config import Config
 from lenet_jax.conv import CONV_IMPLS
+from lenet_jax.evaluation import evaluate_arrays
 from lenet_jax.factories import conv_impl_for, create_state, create_states, make_model
 from lenet_jax.hessian import ESTIMATORS
 from lenet_jax.inputs import pad_images
 from lenet_jax.precision import PRECISIONS
-from lenet_jax.steps import (
+from lenet_jax.updates import (
     Strategy,
     compiled_train_chunk,
     curvature_model,
     curvature_sample,
     epoch_batches,
     estimate_hessian,
-    evaluate_arrays,
-    replicated_train_chunk,
+    seeds_train_chunk,
     update_key,
 )
 
@@ -51,7 +51,7 @@ def _compile(jitted: Any, *args: Any, **static: Any) -> tuple[Any, float]:
 
 
 def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", precision: str = "float32",
-            estimator: str = "paper", large_batch: bool | None = None, full_pass: bool = False, replicas: int = 0) -> dict[str, Any]:
+            estimator: str = "paper", large_batch: bool | None = None, full_pass: bool = False, n_seeds: int = 0) -> dict[str, Any]:
     ds = common.mnist()
     images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)  # as training holds them
     test_images, test_labels = jax.device_put(ds.test_images), jax.device_put(ds.test_labels)
@@ -65,12 +65,12 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
         state = create_state(config, n // config.batch_size)
         if config.optimizer == "sdlm":
             state = common.refresh_curvature(state, images, labels, config, 1)
-        step, compile_s[name] = _compile(compiled_train_chunk, state, images, labels, batches, keys, objective=config.objective)
-        state, _ = wait(step(state, images, labels, batches, keys))  # warm-up
+        run, compile_s[name] = _compile(compiled_train_chunk, state, images, labels, batches, keys, objective=config.objective)
+        state, _ = wait(run(state, images, labels, batches, keys))  # warm-up
         seconds = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            state, m = wait(step(state, images, labels, batches, keys))
+            state, m = wait(run(state, images, labels, batches, keys))
             seconds.append(time.perf_counter() - t0)
         results[name] = common.rate(seconds, work)
         return state
@@ -96,21 +96,21 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
     wait(infer(**dynamic))
     results["infer_b1000"] = common.rate(common.repeat(lambda: infer(**dynamic), repeats, wait), len(ds.test_labels))
 
-    if replicas:
-        seeds = list(range(replicas))
-        several = Strategy.build(sdlm, replicas, n)
+    if n_seeds:
+        seeds = list(range(n_seeds))
+        several = Strategy.build(sdlm, n_seeds, n)
         many = several.refresh(several.stack(create_states(sdlm, n, seeds)), images, labels, [sdlm.replace(seed=s) for s in seeds],
-                               [None] * replicas, 1)
+                               [None] * n_seeds, 1)
         rb = several.stack([epoch_batches(s, 1, n, 1)[:samples] for s in seeds])
         rk = several.stack([update_key(s) for s in seeds])
-        step, compile_s[f"train_b1_x{replicas}"] = _compile(replicated_train_chunk, many, images, labels, rb, rk, objective=sdlm.objective)
-        many, _ = wait(step(many, images, labels, rb, rk))
+        run, compile_s[f"train_b1_x{n_seeds}"] = _compile(seeds_train_chunk, many, images, labels, rb, rk, objective=sdlm.objective)
+        many, _ = wait(run(many, images, labels, rb, rk))
         seconds = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            many, _ = wait(step(many, images, labels, rb, rk))
+            many, _ = wait(run(many, images, labels, rb, rk))
             seconds.append(time.perf_counter() - t0)
-        results[f"train_b1_x{replicas}"] = common.rate(seconds, samples * replicas, "model-updates/s")
+        results[f"train_b1_x{n_seeds}"] = common.rate(seconds, samples * n_seeds, "seed-updates/s")
 
     if full_pass:
         batches = epoch_batches(0, 2, n, 1)
@@ -143,9 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large-batch", action=argparse.BooleanOptionalAction, default=None,
                         help="also batch 4096 (default: on accelerators only)")
     parser.add_argument("--pass", dest="full_pass", action="store_true", help="also time one whole pass of the paper's training")
-    parser.add_argument("--replicas", type=int, default=0, help="also batch-1 SDLM for this many seeds in one compiled program")
+    parser.add_argument("--seeds", "--replicas", type=int, default=0, dest="seeds",
+                        help="also batch-1 SDLM for this many seeds in one compiled program (--replicas: its earlier name)")
     args = parser.parse_args(argv)
-    result = measure(args.samples, args.repeats, args.conv_impl, args.precision, args.estimator, args.large_batch, args.full_pass, args.replicas)
+    result = measure(args.samples, args.repeats, args.conv_impl, args.precision, args.estimator, args.large_batch, args.full_pass, args.seeds)
     common.emit(result, args.json)
 
 

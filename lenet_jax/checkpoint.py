@@ -1,29 +1,29 @@
 """Saved runs: what a run folder holds, how its checkpoints are written and read.
 
-A run folder holds ``config.json``, ``metrics.jsonl`` and ``checkpoints/``, one orbax step
-per save, numbered by the **update** (optimiser updates done), so where a run stands is
+A run folder holds ``config.json``, ``metrics.jsonl`` and ``checkpoints/``, one orbax checkpoint
+per save, numbered by the **update count** (optimiser updates done), so where a run stands is
 ``state.step`` itself (``Position``: the epoch and the update within it). A several-seed
 run (``train.py --seeds``) is a folder of run folders, ``seed-S``.
 
-A step holds the training state (parameters, optimiser state, update count) and a JSON
+A checkpoint holds the training state (parameters, optimiser state, update count) and a JSON
 record: the config, the per-epoch history, ``epoch``, ``update`` and
-``updates_per_epoch``, and for a step saved mid-epoch the running sums of that epoch.
-Orbax writes a step into a temporary folder and renames it when complete, so a killed
+``updates_per_epoch``, and for a checkpoint saved mid-epoch the running sums of that epoch.
+Orbax writes a checkpoint into a temporary folder and renames it when complete, so a killed
 save never loads as valid.
 
 Writers and readers: a training opens a ``writer`` (``runs.open``, holding the run
 folder's lock, ``fileio.claim``); with several processes every process of the training
 opens one, since orbax's saves and deletions are collective, but only the primary's
 (process 0's, the lock holder's) changes the folder: orbax creates it, removes the
-temporary folders of killed saves and deletes pruned steps on its primary host only, and
-the project's own changes (a failed save's partial folder removed, a damaged step moved
+temporary folders of killed saves and deletes pruned checkpoints on its primary host only, and
+the project's own changes (a failed save's partial folder removed, a damaged checkpoint moved
 aside) are made by the primary only. Everyone else (``eval.py``, an export) opens a
-``reader``: read-only, it never deletes, and a step that a writer prunes while it reads
+``reader``: read-only, it never deletes, and a checkpoint that a writer prunes while it reads
 is passed over quietly.
 
 What is kept: the last ``keep`` completed epochs, the best one by validation error, and
-the newest mid-epoch step if it is newer than every completed epoch. Nothing is ever
-deleted because it failed to load: a damaged step is moved aside, kept for the user.
+the newest mid-epoch checkpoint if it is newer than every completed epoch. Nothing is ever
+deleted because it failed to load: a damaged checkpoint is moved aside, kept for the user.
 """
 
 from __future__ import annotations
@@ -43,33 +43,45 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
-from lenet_jax.config import Config, load_config_file
-from lenet_jax.errors import (CheckpointError, CheckpointReadError, Damaged, Diverged, NoGoodCheckpoint, UserError, first_line, is_damage,
-                              os_error_code, os_failure, path_error, tensorstore_status, unwrapped)
+from lenet_jax import finite
+from lenet_jax.errors import (
+    CheckpointError,
+    CheckpointReadError,
+    Damaged,
+    Diverged,
+    NoGoodCheckpoint,
+    UserError,
+    first_line,
+    is_damage,
+    os_error_code,
+    os_failure,
+    path_error,
+    tensorstore_status,
+    unwrapped,
+)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 SEED_FOLDER = "seed-{}"
 UNLOADABLE = "unloadable-{}"
-"""Where a step that does not load is moved, inside the checkpoints folder."""
+"""Where a checkpoint that does not load is moved, inside the checkpoints folder."""
 
 FORMAT = 3
 """Records of this layout carry ``"format": 3``. Format 2 named ``updates_per_epoch``
-``steps_per_epoch`` and is read (and resumed) too; earlier runs numbered steps by epoch,
+``steps_per_epoch`` and is read (and resumed) too; earlier runs numbered checkpoints by epoch,
 and are read but not resumed."""
 RESUMABLE_FORMATS = (2, 3)
 
 
 class DamagedRecord(CheckpointError, Damaged):
-    """A step's record is not what this project writes (malformed or tampered)."""
+    """A checkpoint's record is not what this project writes (malformed or tampered)."""
 
 
-class DamagedStep(CheckpointError, Damaged):
-    """A file of a step fails the project's own check before orbax reads it (empty, or
+class DamagedCheckpoint(CheckpointError, Damaged):
+    """A file of a checkpoint fails the project's own check before orbax reads it (empty, or
     JSON that does not parse or is not what orbax writes)."""
 
 BEST_METRIC = "val_error"
@@ -85,8 +97,8 @@ class Position:
     updates_per_epoch: int
 
     @classmethod
-    def of_step(cls, step: int, updates_per_epoch: int) -> "Position":
-        done, update = divmod(int(step), updates_per_epoch)
+    def at_count(cls, count: int, updates_per_epoch: int) -> "Position":
+        done, update = divmod(int(count), updates_per_epoch)
         if update == 0 and done > 0:
             return cls(done, updates_per_epoch, updates_per_epoch)
         return cls(done + 1, update, updates_per_epoch)
@@ -96,8 +108,8 @@ class Position:
         return self.update == self.updates_per_epoch
 
     @property
-    def step(self) -> int:
-        """The update count at this position: the checkpoint's step number."""
+    def count(self) -> int:
+        """The update count at this position: the checkpoint's number."""
         return (self.epoch - 1) * self.updates_per_epoch + self.update
 
     def describe(self) -> str:
@@ -118,7 +130,7 @@ def checkpoint_dir(path: Path | str) -> Path:
 
 
 def seed_folders(workdir: Path | str) -> dict[int, Path]:
-    """The per-seed run folders of a several-seed run, by seed (empty for a single run)."""
+    """The per-seed run folders in the folder of several seeds' runs, by seed (empty for a run folder)."""
     out = {}
     for p in Path(workdir).glob("seed-*"):
         if p.is_dir() and p.name[5:].isdigit():
@@ -127,7 +139,7 @@ def seed_folders(workdir: Path | str) -> dict[int, Path]:
 
 
 def several_seeds(workdir: Path | str) -> dict[int, Path]:
-    """The per-seed run folders, by seed, when ``workdir`` is a several-seed run's folder
+    """The per-seed run folders, by seed, when ``workdir`` is the folder of several seeds' runs
     (it has seed folders and no checkpoints of its own); empty otherwise."""
     workdir = Path(workdir)
     return {} if (workdir / CHECKPOINTS).is_dir() else seed_folders(workdir)
@@ -140,7 +152,7 @@ def is_single_run(workdir: Path | str) -> bool:
 
 
 def holds_checkpoints(folder: Path | str) -> bool:
-    """Whether ``folder`` (a run folder, or a several-seed run's) holds a completed step."""
+    """Whether ``folder`` (a run folder, or the folder of several seeds' runs) holds a completed checkpoint."""
     folder = Path(folder)
     runs = [folder, *seed_folders(folder).values()] if folder.is_dir() else []
     return any(p.is_dir() and p.name.isdigit() for run in runs if (run / CHECKPOINTS).is_dir() for p in (run / CHECKPOINTS).iterdir())
@@ -273,8 +285,8 @@ def reader(directory: Path | str) -> ocp.CheckpointManager:
 
 
 def _while_pruned(read: Callable[[], Any], attempts: int = 20) -> Any:
-    """``read()`` again when it failed because a step vanished under it: orbax lists the
-    steps, then reads each one's metadata, and a training that holds the folder may prune
+    """``read()`` again when it failed because a checkpoint vanished under it: orbax lists the
+    checkpoints, then reads each one's metadata, and a training that holds the folder may prune
     one in between."""
     for attempt in range(attempts):
         try:
@@ -285,60 +297,60 @@ def _while_pruned(read: Callable[[], Any], attempts: int = 20) -> Any:
 
 
 def reload(mngr: ocp.CheckpointManager) -> None:
-    """The manager's list of steps read again (a reader's view of a folder that trains)."""
+    """The manager's list of checkpoints read again (a reader's view of a folder that trains)."""
     _while_pruned(mngr.reload)
 
 
 def all_finite(tree: Any) -> bool:
-    """Whether every number in ``tree`` is finite."""
-    return all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(jax.device_get(tree)) if np.issubdtype(np.asarray(x).dtype, np.inexact))
+    """Whether every number in ``tree`` is finite (``finite.all_finite`` of its host copy)."""
+    return bool(finite.all_finite(jax.device_get(tree)))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, record: dict[str, Any]) -> None:
-    """Save ``state`` and its JSON-able ``record`` as ``step`` and wait until it is on
+def save(mngr: ocp.CheckpointManager, count: int, state: Any, record: dict[str, Any]) -> None:
+    """Save ``state`` and its JSON-able ``record`` as checkpoint ``count`` and wait until it is on
     disk. A state with a NaN or infinity is never saved (Diverged); a write that the
     system refuses (a full disk, a file size limit, a permission: ``errors.os_failure``)
-    is one CheckpointError naming the folder, and leaves no step behind. Any other
-    failure is a bug: it propagates with its traceback (the partial step removed too)."""
+    is one CheckpointError naming the folder, and leaves no checkpoint behind. Any other
+    failure is a bug: it propagates with its traceback (the partial checkpoint removed too)."""
     if not all_finite(state):
-        raise Diverged(f"refusing to save checkpoint step {step}: its parameters or optimiser state hold NaN or infinity")
+        raise Diverged(f"refusing to save checkpoint {count}: its parameters or optimiser state hold NaN or infinity")
     reason = None
     with quiet() as attempt:
         try:
-            mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(dict(record, format=FORMAT))))
+            mngr.save(count, args=ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(dict(record, format=FORMAT))))
             mngr.wait_until_finished()
         except Exception as e:
             attempt.failed = True
             if jax.process_index() == 0:
-                _remove_partial(Path(mngr.directory), step)
+                _remove_partial(Path(mngr.directory), count)
             reason = os_failure(e)
             if reason is None:
                 raise
     if reason is not None:
-        raise CheckpointError(f"{mngr.directory}: cannot save checkpoint step {step} ({reason})")
+        raise CheckpointError(f"{mngr.directory}: cannot save checkpoint {count} ({reason})")
 
 
-def _remove_partial(directory: Path, step: int) -> None:
-    """The temporary folder a failed save of ``step`` left (this process wrote it)."""
+def _remove_partial(directory: Path, count: int) -> None:
+    """The temporary folder a failed save of ``count`` left (this process wrote it)."""
     import shutil
 
-    for p in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+    for p in directory.glob(f"{count}.orbax-checkpoint-tmp*"):
         shutil.rmtree(p, ignore_errors=True)
 
 
-def read_record(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The JSON record of ``step`` alone (no arrays loaded), its types checked."""
-    check_step(Path(mngr.directory) / str(step), ("record",))
-    record = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
-    return check_record(record, f"step {step}")
+def read_record(mngr: ocp.CheckpointManager, count: int) -> dict[str, Any]:
+    """The JSON record of checkpoint ``count`` alone (no arrays loaded), its types checked."""
+    check_checkpoint(Path(mngr.directory) / str(count), ("record",))
+    record = mngr.restore(count, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+    return check_record(record, f"checkpoint {count}")
 
 
-def check_step(folder: Path, parts: tuple[str, ...] = ("record", "state")) -> None:
-    """The project's own check of a step's small files, before orbax reads them, so that
+def check_checkpoint(folder: Path, parts: tuple[str, ...] = ("record", "state")) -> None:
+    """The project's own check of a checkpoint's small files, before orbax reads them, so that
     damage to them is named and told from a bug: the record and orbax's tree metadata
     (``state/_METADATA``, without which orbax reports a tree that does not match, as it
     does for a bug) and per-array metadata must be JSON, the OCDBT manifest not empty.
-    DamagedStep names the file; a missing one raises FileNotFoundError (also damage)."""
+    DamagedCheckpoint names the file; a missing one raises FileNotFoundError (also damage)."""
     names = []
     if "record" in parts:
         names.append("record/metadata")
@@ -347,14 +359,14 @@ def check_step(folder: Path, parts: tuple[str, ...] = ("record", "state")) -> No
         names += [f"state/array_metadatas/{p.name}" for p in sorted((folder / "state" / "array_metadatas").glob("*"))]
         manifest = folder / "state" / "manifest.ocdbt"
         if manifest.exists() and manifest.stat().st_size == 0:
-            raise DamagedStep("state/manifest.ocdbt is empty (a truncated file)")
+            raise DamagedCheckpoint("state/manifest.ocdbt is empty (a truncated file)")
     for name in names:
         try:
             value = json.loads((folder / name).read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DamagedStep(f"{name} is not valid JSON (a truncated or damaged file: {first_line(e, limit=200)})") from None
+            raise DamagedCheckpoint(f"{name} is not valid JSON (a truncated or damaged file: {first_line(e, limit=200)})") from None
         if name == "state/_METADATA" and not (isinstance(value, dict) and isinstance(value.get("tree_metadata"), dict)):
-            raise DamagedStep(f"{name} is JSON but not orbax's tree metadata (a damaged or edited file)")
+            raise DamagedCheckpoint(f"{name} is JSON but not orbax's tree metadata (a damaged or edited file)")
 
 
 RECORD_TYPES: dict[str, tuple[type, ...]] = {"epoch": (int,), "update": (int,), "updates_per_epoch": (int,), "steps_per_epoch": (int,),
@@ -376,14 +388,14 @@ def check_record(record: Any, where: str) -> dict[str, Any]:
 
 
 def records(mngr: ocp.CheckpointManager) -> dict[int, dict[str, Any]]:
-    """The readable records, by step (a damaged or pruned step is left out, and left to
+    """The readable records, by update count (a damaged or pruned checkpoint is left out, and left to
     the restore to name; a failure of the reading itself stops, CheckpointReadError)."""
     out = {}
-    for step in mngr.all_steps():
+    for count in mngr.all_steps():
         try:
-            out[step] = read_record(mngr, step)
+            out[count] = read_record(mngr, count)
         except Exception as e:
-            if _unreadable(mngr, step, e):
+            if unreadable(mngr, count, e):
                 continue
             raise
     return out
@@ -391,19 +403,19 @@ def records(mngr: ocp.CheckpointManager) -> dict[int, dict[str, Any]]:
 
 PRUNE_S = 0.5
 """How long a failure that is neither damage nor a read failure waits to see whether the
-step is vanishing (a writer deleting it while it was read raises whatever orbax meets)."""
+checkpoint is vanishing (a writer deleting it while it was read raises whatever orbax meets)."""
 
 
-def _unreadable(mngr: ocp.CheckpointManager, step: int, e: BaseException) -> bool:
-    """Whether reading ``step`` failed because it is damaged or was pruned under the
+def unreadable(mngr: ocp.CheckpointManager, count: int, e: BaseException) -> bool:
+    """Whether reading checkpoint ``count`` failed because it is damaged or was pruned under the
     reader (to be passed over); CheckpointReadError for a failure of the reading itself;
     False for anything else (a bug, to propagate)."""
-    folder = Path(mngr.directory) / str(step)
+    folder = Path(mngr.directory) / str(count)
     if not folder.is_dir():
         return True
     if is_read_failure(e):
         inner = unwrapped(e)
-        raise CheckpointReadError(f"{mngr.directory}: reading step {step} failed ({type(inner).__name__}: {first_line(inner, limit=200)}); "
+        raise CheckpointReadError(f"{mngr.directory}: reading checkpoint {count} failed ({type(inner).__name__}: {first_line(inner, limit=200)}); "
                                   "nothing was skipped or moved, try again") from None
     if is_damage(e):
         return True
@@ -420,25 +432,25 @@ def updates_of(record: dict[str, Any]) -> int | None:
 
 
 def is_complete(record: dict[str, Any]) -> bool:
-    """Whether the step of ``record`` ends an epoch (earlier layouts saved only those)."""
+    """Whether the checkpoint of ``record`` ends an epoch (earlier layouts saved only those)."""
     return record.get("format") not in RESUMABLE_FORMATS or record.get("update") == updates_of(record)
 
 
 def prune(mngr: ocp.CheckpointManager, keep: int) -> None:
-    """Delete what is no longer needed: mid-epoch steps older than the newest completed
+    """Delete what is no longer needed: mid-epoch checkpoints older than the newest completed
     epoch, and completed epochs beyond the newest ``keep`` and the best."""
     found = records(mngr)
     ends = sorted(s for s, r in found.items() if is_complete(r))
     if not ends:
         return
-    best = best_step(mngr, found)
+    best = best_checkpoint(mngr, found)
     kept = set(ends[-keep:]) | ({best} if best is not None else set())
-    for step in mngr.all_steps():
-        if step in found and (step not in kept) and (is_complete(found[step]) or step < ends[-1]):
-            mngr.delete(step)
+    for count in mngr.all_steps():
+        if count in found and (count not in kept) and (is_complete(found[count]) or count < ends[-1]):
+            mngr.delete(count)
 
 
-def best_step(mngr: ocp.CheckpointManager, found: dict[int, dict[str, Any]] | None = None) -> int | None:
+def best_checkpoint(mngr: ocp.CheckpointManager, found: dict[int, dict[str, Any]] | None = None) -> int | None:
     """The completed epoch with the lowest validation error, or None if none has one."""
     found = records(mngr) if found is None else found
     ranked = [(r.get("metrics", {}).get(BEST_METRIC), s) for s, r in found.items() if is_complete(r)]
@@ -446,53 +458,53 @@ def best_step(mngr: ocp.CheckpointManager, found: dict[int, dict[str, Any]] | No
     return min(ranked)[1] if ranked else None
 
 
-def epoch_steps(mngr: ocp.CheckpointManager) -> dict[int, int]:
-    """The step of each completed epoch whose record reads, by epoch."""
+def epoch_checkpoints(mngr: ocp.CheckpointManager) -> dict[int, int]:
+    """The checkpoint of each completed epoch whose record reads, by epoch."""
     return {int(r["epoch"]): s for s, r in records(mngr).items() if is_complete(r) and "epoch" in r}
 
 
-def choose_step(mngr: ocp.CheckpointManager, which: str = "best") -> int:
-    """The newest step to try for a completed epoch: "latest" (the newest step; a
+def choose_checkpoint(mngr: ocp.CheckpointManager, which: str = "best") -> int:
+    """The newest checkpoint to try for a completed epoch: "latest" (the newest; a
     mid-epoch or unreadable one is passed over by ``restore_newest_good``), "best" (the
     latest when no epoch has a validation error) or an epoch number."""
     if which in ("latest", "best"):
-        step = best_step(mngr) if which == "best" else None
-        if step is None:
-            step = mngr.latest_step()
+        count = best_checkpoint(mngr) if which == "best" else None
+        if count is None:
+            count = mngr.latest_step()
     else:
         try:
             epoch = int(which)
         except ValueError:
             raise CheckpointError(f"no epoch {which!r}: give best, latest or an epoch number") from None
-        by_epoch = epoch_steps(mngr)
+        by_epoch = epoch_checkpoints(mngr)
         if epoch not in by_epoch:
             raise CheckpointError(f"{mngr.directory}: no checkpoint of epoch {epoch} (completed epochs saved: {sorted(by_epoch) or 'none'})")
-        step = by_epoch[epoch]
-    if step is None:
+        count = by_epoch[epoch]
+    if count is None:
         raise CheckpointError(f"{mngr.directory}: holds no checkpoint")
-    return step
+    return count
 
 
 def is_read_failure(e: BaseException) -> bool:
     """Whether a failed restore says the reading failed (a read error, a permission,
     memory: an OSError, or a TensorStore error carrying one, other than a missing file)
-    rather than that the step itself is damaged (a missing or malformed file)."""
+    rather than that the checkpoint itself is damaged (a missing or malformed file)."""
     e = unwrapped(e)
     if isinstance(e, MemoryError) or tensorstore_status(e) in ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
         return True
     return not isinstance(e, FileNotFoundError) and os_error_code(e) not in (None, 2)
 
 
-def move_aside(mngr: ocp.CheckpointManager, step: int) -> Path:
-    """Move step ``step`` out of the manager's view, to ``checkpoints/unloadable-<step>``
+def move_aside(mngr: ocp.CheckpointManager, count: int) -> Path:
+    """Move checkpoint ``count`` out of the manager's view, to ``checkpoints/unloadable-<count>``
     (``-2``, ``-3``... if taken), and return where it went."""
     directory = Path(mngr.directory)
-    target = directory / UNLOADABLE.format(step)
+    target = directory / UNLOADABLE.format(count)
     n = 1
     while target.exists():
         n += 1
-        target = directory / (UNLOADABLE.format(step) + f"-{n}")
-    (directory / str(step)).rename(target)
+        target = directory / (UNLOADABLE.format(count) + f"-{n}")
+    (directory / str(count)).rename(target)
     mngr.reload()
     return target
 
@@ -506,45 +518,45 @@ def restore_newest_good(
     accept: Callable[[dict[str, Any]], bool] = lambda record: True,
     damaged: Callable[[int], str] | None = None,
 ) -> tuple[int, Any, dict[str, Any]]:
-    """Restore the newest step (at most ``newest``) that loads and that ``accept`` takes.
+    """Restore the newest checkpoint (at most ``newest``) that loads and that ``accept`` takes.
 
-    A step that fails to load because it is damaged (``errors.is_damage``: a file
+    A checkpoint that fails to load because it is damaged (``errors.is_damage``: a file
     truncated or deleted by a killed process, a malformed record) is named in one line,
-    in words, and skipped, never used; ``damaged(step)``, when given (a writer), moves it
+    in words, and skipped, never used; ``damaged(count)``, when given (a writer), moves it
     aside and says where. A failure of the reading itself (an OSError other than a
-    missing file, MemoryError) stops with CheckpointReadError and touches nothing. A step
+    missing file, MemoryError) stops with CheckpointReadError and touches nothing. A checkpoint
     that disappears while it is read (a writer pruned it) is passed over quietly. Any
     other failure (a bug: a TypeError, a state that does not match the saved tree) is
     raised as it is, and nothing is moved. ``target_for(record)`` builds the state to
-    restore into; ``check(record)`` may refuse a loadable step by raising. Orbax's own
+    restore into; ``check(record)`` may refuse a loadable checkpoint by raising. Orbax's own
     noise about a failed attempt never reaches the console (``quiet``)."""
     tried: list[int] = []
     not_accepted: list[dict[str, Any]] = []
     while True:
-        steps = sorted((s for s in mngr.all_steps() if (newest is None or s <= newest) and s not in tried), reverse=True)
-        if not steps:
+        counts = sorted((s for s in mngr.all_steps() if (newest is None or s <= newest) and s not in tried), reverse=True)
+        if not counts:
             break
-        step = steps[0]
-        tried.append(step)
+        count = counts[0]
+        tried.append(count)
         part, record = "record", None
         with quiet() as attempt:
             try:
-                record = read_record(mngr, step)
+                record = read_record(mngr, count)
                 if not accept(record):
                     not_accepted.append(record)
                     continue
                 check(record)
                 part = "state"
-                state, record = restore(mngr, step, target_for(record))
-                return step, state, record
+                state, record = restore(mngr, count, target_for(record))
+                return count, state, record
             except Exception as e:
                 attempt.failed = True
                 if isinstance(e, UserError) and not isinstance(e, Damaged):
                     raise  # check()'s refusal, or a config in the record that is not one
-                if not _unreadable(mngr, step, e):
+                if not unreadable(mngr, count, e):
                     raise  # a bug, not damage: nothing is moved
-                if (Path(mngr.directory) / str(step)).is_dir():
-                    _skip(step, part, e, log, damaged, where=_position(step, record))
+                if (Path(mngr.directory) / str(count)).is_dir():
+                    _skip(count, part, e, log, damaged, where=_position(count, record))
                 else:
                     reload(mngr)  # pruned by the writer while we read it
     if not_accepted and len(not_accepted) == len(tried):
@@ -552,24 +564,24 @@ def restore_newest_good(
         where = Position(int(newest_record.get("epoch", 1)), int(newest_record.get("update", 0)), updates_of(newest_record) or 1).describe()
         raise NoGoodCheckpoint(f"{mngr.directory}: no epoch is complete yet (the newest checkpoint is at {where}); "
                                "resume the run to finish it")
-    raise NoGoodCheckpoint(f"{mngr.directory}: no checkpoint loads" + (f" (tried steps {sorted(tried, reverse=True)})" if tried else ""))
+    raise NoGoodCheckpoint(f"{mngr.directory}: no checkpoint loads" + (f" (tried checkpoints {sorted(tried, reverse=True)})" if tried else ""))
 
 
-def _position(step: int, record: dict[str, Any] | None) -> str | None:
-    """Where the run stood at ``step``, in words, when its record was read."""
+def _position(count: int, record: dict[str, Any] | None) -> str | None:
+    """Where the run stood at ``count``, in words, when its record was read."""
     if record is None:
         return None
     updates = updates_of(record)
     if updates:
-        return Position.of_step(step, updates).describe()
+        return Position.at_count(count, updates).describe()
     return f"epoch {record['epoch']}" if isinstance(record.get("epoch"), int) else None
 
 
-def _skip(step: int, part: str, e: BaseException, log: Callable[[str], None], damaged: Callable[[int], str] | None,
+def _skip(count: int, part: str, e: BaseException, log: Callable[[str], None], damaged: Callable[[int], str] | None,
           where: str | None = None) -> None:
-    moved = f"; {damaged(step)}" if damaged is not None else ""
+    moved = f"; {damaged(count)}" if damaged is not None else ""
     at = f"{where}: " if where else ""
-    log(f"skipping checkpoint step {step}: its {part} does not load ({at}{describe_damage(e)}){moved}")
+    log(f"skipping checkpoint {count}: its {part} does not load ({at}{describe_damage(e)}){moved}")
 
 
 def describe_damage(e: BaseException) -> str:
@@ -585,11 +597,11 @@ def describe_damage(e: BaseException) -> str:
     if isinstance(e, FileNotFoundError):
         found = re.search(r"(/\S+?)\.?(?:\s|$)", text)  # orbax: 'File /.../record/metadata not found.'
         name = e.filename or (found.group(1) if found else None)
-        return f"{_in_step(name) if name else 'a file of it'} is missing"
+        return f"{_in_checkpoint(name) if name else 'a file of it'} is missing"
     status = tensorstore_status(e)
     if status is not None:
         array = re.search(r'Error reading "([^"/]+)', text)  # orbax names an array's folder by its tree path, joined by dots
-        files = [_in_step(f) for f in re.findall(r'local file "([^"]+)"', text) if not f.endswith("/")]
+        files = [_in_checkpoint(f) for f in re.findall(r'local file "([^"]+)"', text) if not f.endswith("/")]
         what = (f"array {array.group(1).replace('.', '/')}" if array else "an array") + (f" in {', '.join(files)}" if files else "")
         kind = {"OUT_OF_RANGE": "a truncated file", "NOT_FOUND": "a missing file"}.get(status, "a truncated or damaged file")
         return f"{what} could not be read ({kind})"
@@ -598,8 +610,8 @@ def describe_damage(e: BaseException) -> str:
     return f"{type(e).__name__}: {first_line(e, limit=200)}"
 
 
-def _in_step(path: str) -> str:
-    """``path`` relative to its step folder (``state/d/...``), for a message."""
+def _in_checkpoint(path: str) -> str:
+    """``path`` relative to its checkpoint folder (``state/d/...``), for a message."""
     parts = Path(path).parts
     for i, part in enumerate(parts):
         if part.isdigit() and i + 1 < len(parts) and parts[i + 1] in ("state", "record"):
@@ -607,81 +619,8 @@ def _in_step(path: str) -> str:
     return path
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-    """The state of ``step``, shaped like ``target`` (a state of the same config), and its record."""
-    check_step(Path(mngr.directory) / str(step))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()))
-    return restored["state"], check_record(restored["record"], f"step {step}")
-
-
-# --------------------------------------------------------------------------- reading saved runs
-
-
-def updates_per_epoch(config: Config, record: dict[str, Any]) -> int:
-    """Optimiser updates per epoch of the run a record comes from (runs of the earliest
-    layout did not record it: their count is derived from a 60,000-image training set)."""
-    recorded = updates_of(record)
-    if recorded is not None:
-        return recorded
-    n = 60_000 - config.validation_size
-    return max(1, (min(n, config.train_subset or n)) // config.batch_size)
-
-
-READ_ATTEMPTS = 5
-"""A reader of a folder that is training chooses again when the run pruned the step it
-chose while it read it (a training saves and prunes several times a second on tiny data)."""
-
-
-def restore_run(path: Path | str, which: str = "best", log: Callable[[str], None] = print) -> tuple[Any, Config, dict[str, Any]]:
-    """The state (its optimiser on the run's own schedule), config and record of a saved
-    completed epoch ("best", "latest" or an epoch number), read-only; if that one does not
-    load, the newest older one that does (the skipped ones are named). The state's
-    parameters are checked finite."""
-    from lenet_jax.factories import create_state
-
-    def target(record: dict[str, Any]) -> Any:
-        config = Config.from_dict(record.get("config"), f"{path} checkpoint")
-        return create_state(config, updates_per_epoch(config, record))
-
-    mngr = reader(checkpoint_dir(path))
-    try:
-        for attempt in range(READ_ATTEMPTS):
-            before = set(mngr.all_steps())
-            try:
-                step, state, record = restore_newest_good(mngr, target, newest=choose_step(mngr, which), log=log, accept=is_complete)
-                break
-            except CheckpointError:
-                reload(mngr)
-                if attempt == READ_ATTEMPTS - 1 or set(mngr.all_steps()) == before:
-                    raise  # not a training that pruned what was chosen while it was read
-    finally:
-        mngr.close()
-    if "epoch" not in record or "config" not in record:
-        raise CheckpointError(f"{path}: checkpoint step {step} has a record without its {'epoch' if 'epoch' not in record else 'config'}")
-    if not all_finite(state.params):
-        raise CheckpointError(f"{path}: checkpoint step {step} holds parameters that are NaN or infinite")
-    return state, Config.from_dict(record["config"]), record
-
-
-def saved_config(workdir: Path, log: Callable[[str], None] = print) -> Config | None:
-    """The config of the run in ``workdir``: from its newest checkpoint that reads, else
-    from its config.json; None for a folder with neither."""
-    folder = workdir / CHECKPOINTS
-    if folder.is_dir():
-        mngr = reader(folder)
-        try:
-            for step in sorted(mngr.all_steps(), reverse=True):
-                try:
-                    record = read_record(mngr, step)
-                except Exception as e:
-                    if _unreadable(mngr, step, e):
-                        continue  # damaged: the restore on resume names it
-                    raise
-                if isinstance(record.get("config"), dict):
-                    return Config.from_dict(record["config"], f"{folder} step {step}")
-        finally:
-            mngr.close()
-    saved = workdir / CONFIG
-    if saved.is_file():
-        return load_config_file(saved)
-    return None
+def restore(mngr: ocp.CheckpointManager, count: int, target: Any) -> tuple[Any, dict[str, Any]]:
+    """The state of checkpoint ``count``, shaped like ``target`` (a state of the same config), and its record."""
+    check_checkpoint(Path(mngr.directory) / str(count))
+    restored = mngr.restore(count, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()))
+    return restored["state"], check_record(restored["record"], f"checkpoint {count}")

@@ -46,6 +46,10 @@ OPTIMIZER_OPTIONS = {"mu": "sdlm", "hessian_estimator": "sdlm", "hessian_samples
 """The options only one optimiser uses, and which (``--hutchinson-probes`` only with
 ``--hessian-estimator hutchinson`` besides)."""
 
+RENAMED = {"step_impl": "update_impl"}
+"""Options by their earlier names, and what they are called now: a command line and a
+saved config.json may still use an earlier name (``from_dict`` reads it as the new one)."""
+
 MAX_SEED = 2**32 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -103,7 +107,7 @@ class Config:
                                     "momentum's); a preset's own values of those are dropped with a note, and so is its learning rate "
                                     "when --optimizer changes the preset's optimizer (the new one starts at its default --lr)",
                             choices=OPTIMIZERS)
-    lr: float | None = option(None, "starting learning rate, the paper's global step eta (default per optimizer: "
+    lr: float | None = option(None, "starting learning rate eta (what the paper calls the global step; default per optimizer: "
                               + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "; a preset's is dropped when --optimizer "
                               "changes the preset's optimizer)", positive=True)
     schedule: str = option("paper", "learning-rate schedule over epochs; paper: x1, x0.4 from epoch 3, x0.2 from 6, x0.1 from 9, "
@@ -130,7 +134,7 @@ class Config:
     conv_impl: str = option("auto", "how C1/C3/C5 are computed: auto (custom_vjp to train on CPU, xla elsewhere), xla, patches or "
                                     "custom_vjp (a hand-written gradient; inference runs it as xla); a run saves what auto resolved to",
                             choices=("auto",) + CONV_IMPLS)
-    step_impl: str = option("auto", "how a chunk of updates runs: xla (a compiled scan of the update) or fused (the paper's "
+    update_impl: str = option("auto", "how a chunk of updates runs: xla (a compiled scan of the update) or fused (the paper's "
                                      "configuration at batch 1 as one Pallas kernel per chunk; experimental: not yet measured on a GPU); "
                                      "auto: xla on every backend until the fused kernel is measured; a run saves what auto resolved to",
                              choices=("auto", "xla", "fused"))
@@ -191,6 +195,10 @@ class Config:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in d.items():
+            if key in RENAMED:
+                if RENAMED[key] in d:
+                    raise ConfigError(f"{where}: {key!r} is the earlier name of {RENAMED[key]!r}; give one of them")
+                key = RENAMED[key]
             if key not in fields:
                 raise ConfigError(f"{where}: unknown option {key!r}")
             values[key] = _coerce(fields[key], value, f"{where}: {key}")
@@ -200,7 +208,7 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
-RESUMABLE = ("epochs", "lr", "data_source", "data_dir", "cache_dir", "devices", "conv_impl", "step_impl", "precision", "chunks",
+RESUMABLE = ("epochs", "lr", "data_source", "data_dir", "cache_dir", "devices", "conv_impl", "update_impl", "precision", "chunks",
              "eval_batch_size", "keep", "stop_at_chance")
 """The fields a resumed run may change: the number of epochs, the learning rate (to go on
 at a smaller one) and how the run is executed. Every other field shapes the model, the
@@ -297,7 +305,7 @@ PRESETS: dict[str, Preset] = {
         "a first run of about a minute: the paper preset on the first 15,000 training images for 4 epochs",
         dict(train_subset=15_000, epochs=4)),
     "paper-exact": Preset(
-        "the text's own settings: weights in +-2.4/F and the paper's global step 5e-4 (MAP j=5); diverges here, kept for the record",
+        "the text's own settings: weights in +-2.4/F and the paper's learning rate 5e-4 (MAP j=5); diverges here, kept for the record",
         dict(init_exponent=1.0, lr=5e-4, map_j=5.0)),
     "lush": Preset(
         "the authors' own LeNet-5 demo (Lush, gblearn2/demos/lenet5.lsh): input pixel x 0.01 on a 0 background, C5 feeding 10 "

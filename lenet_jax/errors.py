@@ -7,10 +7,10 @@ A run that diverged, or that ended answering at chance, exits 1 (``Diverged``); 
 interrupt exits 130. Anything else (a ``ValueError`` raised inside JAX, orbax or numpy,
 say) is a bug and keeps its traceback.
 
-A file the project wrote itself (a checkpoint step, the data cache) that cannot be read
+A file the project wrote itself (a checkpoint, the data cache) that cannot be read
 is *damage* only when the failure says so: ``is_damage`` (the exceptions of ``DAMAGE``,
 TensorStore's data-loss statuses, the project's own size and format checks). Only damage
-moves a step aside or discards a cache; any other failure of reading it is a bug or a
+moves a checkpoint aside or discards a cache; any other failure of reading it is a bug or a
 failure of the reading itself, and changes nothing on disk.
 """
 
@@ -46,7 +46,7 @@ class CheckpointError(UserError, RuntimeError):
 
 
 class NoGoodCheckpoint(CheckpointError):
-    """Every step of a checkpoint folder failed to load."""
+    """Every checkpoint of a checkpoints folder failed to load."""
 
 
 class CheckpointReadError(CheckpointError):
@@ -60,7 +60,7 @@ class FolderBusy(UserError, RuntimeError):
 
 class Damaged(Exception):
     """Mixed into the error of a size or format check of the project's own: a file it
-    wrote (a checkpoint step, the data cache) is missing, truncated or malformed."""
+    wrote (a checkpoint, the data cache) is missing, truncated or malformed."""
 
 
 class Diverged(FloatingPointError):
@@ -71,10 +71,10 @@ class Diverged(FloatingPointError):
 # --------------------------------------------------------------------------- damage
 
 DAMAGE: tuple[type[BaseException], ...] = (
-    Damaged,  # the project's own checks (checkpoint.DamagedStep and DamagedRecord, data.DamagedCache)
-    json.JSONDecodeError,  # a truncated or overwritten JSON file (orbax's _METADATA, array_metadatas, a step's record)
+    Damaged,  # the project's own checks (checkpoint.DamagedCheckpoint and DamagedRecord, data.DamagedCache)
+    json.JSONDecodeError,  # a truncated or overwritten JSON file (orbax's _METADATA, array_metadatas, a checkpoint's record)
     UnicodeDecodeError,  # a JSON file holding bytes that are not UTF-8
-    FileNotFoundError,  # a file of the step is missing (orbax's JsonRestore of a deleted record)
+    FileNotFoundError,  # a file of the checkpoint is missing (orbax's JsonRestore of a deleted record)
     zipfile.BadZipFile,  # the cache's .npz: a bad CRC-32, a bad member header
     EOFError,  # a file cut short (numpy reading an emptied .npz)
 )
@@ -93,7 +93,7 @@ TENSORSTORE_STATUS = re.compile(r"^(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_
                                 r"DATA_LOSS|UNAUTHENTICATED): ")
 OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]")
 ORBAX_MISSING_ITEM = re.compile(r"Item \"\w+\" was not found in the checkpoint")
-"""orbax's KeyError for a step whose item folder (``state/``, ``record/``) is gone."""
+"""orbax's KeyError for a checkpoint whose item folder (``state/``, ``record/``) is gone."""
 
 
 def unwrapped(e: BaseException) -> BaseException:

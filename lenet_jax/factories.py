@@ -59,11 +59,11 @@ def conv_impl_for(config: Config, inference: bool = False, forward_mode: bool = 
     return impl
 
 
-def step_impl_for(config: Config) -> str:
+def update_impl_for(config: Config) -> str:
     """How a chunk of updates runs: "xla" or "fused" (``lenet_jax.fused``). "auto" is
     "xla" on every backend: the fused kernel has been checked on the CPU (in Pallas'
     interpret mode, and lowered for CUDA) but not yet measured on a GPU."""
-    impl = "xla" if config.step_impl == "auto" else config.step_impl
+    impl = "xla" if config.update_impl == "auto" else config.update_impl
     if impl == "fused":
         from lenet_jax.fused import check_supported
 
@@ -76,7 +76,7 @@ def resolve(config: Config) -> Config:
     the convolution path that trains it and the implementation of its updates. A run
     saves the resolved config, so its config.json and checkpoints name the path that
     trained it, whatever a later version or another backend would pick for "auto"."""
-    return config.replace(conv_impl=conv_impl_for(config), step_impl=step_impl_for(config))
+    return config.replace(conv_impl=conv_impl_for(config), update_impl=update_impl_for(config))
 
 
 def make_model(config: Config, inference: bool = False, forward_mode: bool = False) -> LeNet5:

@@ -1,4 +1,4 @@
-"""Whether values are finite: one test for the compiled steps (traced), the loaders and
+"""Whether values are finite: one test for the compiled updates (traced), the loaders and
 the checkpoints (host arrays)."""
 
 from __future__ import annotations

@@ -59,12 +59,12 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def check_supported(config: Config) -> None:
-    """ConfigError naming every setting of ``config`` the fused step does not implement."""
+    """ConfigError naming every setting of ``config`` the fused update does not implement."""
     other = [f"{flag(k)} {getattr(config, k)!r}" for k, v in REQUIRED.items() if getattr(config, k) != v]
     if config.precision != "float32":
         other.append(f"--precision {config.precision!r}")
     if other:
-        raise ConfigError("--step-impl fused runs the paper's configuration at batch 1 only; this run asks for " + ", ".join(other))
+        raise ConfigError("--update-impl fused runs the paper's configuration at batch 1 only; this run asks for " + ", ".join(other))
 
 
 # --------------------------------------------------------------------------- index tables
@@ -379,8 +379,8 @@ def _update(params: Params, hessian: Params, grads: Params, lr: jax.Array, mu: f
             ref[...] = ref[...] + (grad / (mu + h_ref[...])) * (-lr)
 
 
-def _kernel(*flat: Any, layout: Any, steps: int, mu: float, j: float, barrier: Callable[[], None]) -> None:
-    """``steps`` updates, one pattern each: the forward pass, the loss and its output
+def _kernel(*flat: Any, layout: Any, updates: int, mu: float, j: float, barrier: Callable[[], None]) -> None:
+    """``updates`` updates, one pattern each: the forward pass, the loss and its output
     gradient, the backward pass and the update; then the summed loss and error count.
     ``flat`` is the flat list of ``Refs`` that ``layout`` (its tree structure) names."""
     inputs, outputs = jax.tree.unflatten(layout, flat)
@@ -398,7 +398,7 @@ def _kernel(*flat: Any, layout: Any, steps: int, mu: float, j: float, barrier: C
         barrier()
         return loss_sum + loss, errors + (guess != label).astype(jnp.int32)
 
-    loss_sum, errors = jax.lax.fori_loop(0, steps, one, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)))
+    loss_sum, errors = jax.lax.fori_loop(0, updates, one, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)))
     outputs.scratch.totals[0] = loss_sum
     outputs.scratch.totals[1] = errors.astype(jnp.float32)
 
@@ -412,14 +412,14 @@ def fused_train_chunk(
     state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array, key: jax.Array | None = None, *,
     schedule: Callable[[jax.Array], jax.Array], mu: float, j: float, interpret: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """``steps.train_chunk`` for the paper's configuration at batch 1, as one kernel
+    """``updates.train_chunk`` for the paper's configuration at batch 1, as one kernel
     launch: ``images`` are the padded uint8 (N, 32, 32) training images, ``batches``
     (L, 1) indices into them; ``schedule`` gives the learning rate of each update from the
     update count, ``mu`` and ``j`` are SDLM's and the MAP criterion's constants."""
     del key  # the paper's configuration draws nothing per update
-    steps = batches.shape[0]
+    updates = batches.shape[0]
     count = optax.tree_utils.tree_get(state.opt_state, "count")
-    lrs = jax.vmap(schedule)(count + jnp.arange(steps)).astype(jnp.float32)
+    lrs = jax.vmap(schedule)(count + jnp.arange(updates)).astype(jnp.float32)
     centres = np.zeros((16, 128), np.float32)
     centres[:10, :84] = RBF_CENTRES
     inputs = Inputs(batch=batches[:, 0].astype(jnp.int32), lr=lrs, image=images.reshape(images.shape[0], -1), label=labels.astype(jnp.int32),
@@ -438,12 +438,12 @@ def fused_train_chunk(
         from jax.experimental.pallas import triton as plgpu
 
         barrier, compiler_params = plgpu.debug_barrier, plgpu.CompilerParams(num_warps=8, num_stages=1)
-    kernel = functools.partial(_kernel, layout=layout, steps=steps, mu=mu, j=j, barrier=barrier)
+    kernel = functools.partial(_kernel, layout=layout, updates=updates, mu=mu, j=j, barrier=barrier)
     flat = pl.pallas_call(kernel, out_shape=jax.tree.leaves(outputs), input_output_aliases=aliases,
                           interpret=interpret, compiler_params=compiler_params, name="lenet5_sdlm_batch1")(*jax.tree.leaves(inputs))
     new_params, scratch = jax.tree.unflatten(jax.tree.structure(outputs), flat)
     totals = scratch.totals
     finite = jnp.isfinite(totals[0]) & all_finite(new_params)
-    new_state = state.replace(params=unpack(new_params, state.params), step=state.step + steps,
-                              opt_state=optax.tree_utils.tree_set(state.opt_state, count=count + steps))
+    new_state = state.replace(params=unpack(new_params, state.params), step=state.step + updates,
+                              opt_state=optax.tree_utils.tree_set(state.opt_state, count=count + updates))
     return new_state, {"loss": totals[0], "errors": totals[1].astype(jnp.int32), "finite": finite}

@@ -1,4 +1,4 @@
-"""The paper's input scaling (section II-B), applied on the device inside compiled steps.
+"""The paper's input scaling (section II-B), applied on the device inside compiled programs.
 
 Datasets are kept as uint8 (N, 28, 28); padding to 32x32 and scaling happen here, so the
 data costs 47 MB of device memory rather than 245 MB of floats.

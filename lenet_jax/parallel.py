@@ -1,13 +1,13 @@
 """Data parallelism: one mesh axis, "data", over every device of every process.
 
-Parameters and optimiser state are replicated; each step's batch is split along "data"
-by a sharding constraint inside the compiled step, and XLA inserts the gradient
-all-reduce. The same jitted step runs on one device, on several, or on several hosts.
+Parameters and optimiser state are replicated; each update's batch is split along "data"
+by a sharding constraint inside the compiled update, and XLA inserts the gradient
+all-reduce. The same jitted update runs on one device, on several, or on several hosts.
 
 On several hosts (a TPU pod slice, GPU machines) each process runs the same program:
 ``initialize_distributed`` joins them into one JAX cluster, every process holds the
 (small) dataset on its own devices, and each device gathers only its own rows of every
-batch inside the compiled step.
+batch inside the compiled update.
 """
 
 from __future__ import annotations

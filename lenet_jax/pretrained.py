@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 @command
 def _export_run(run: Path, epoch: str, to: Path) -> int:
-    from lenet_jax.checkpoint import restore_run  # only the exporter reads checkpoints; loading the model does not
+    from lenet_jax.runs import restore_run  # only the exporter reads checkpoints; loading the model does not
 
     state, config, record = restore_run(run, epoch)
     base = export(jax.device_get(state.params), config, record, to)

@@ -1,17 +1,16 @@
-"""The training loop: train R >= 1 models of one configuration, each into a run folder of
-its own, and resume them from wherever they stopped.
+"""The training loop: train one or more seeds of one configuration, each into a run folder
+of its own, and resume them from wherever they stopped.
 
-``fit`` trains one model (R = 1); ``fit_seeds`` trains one model per seed, all in one
-compiled program, each into ``WORKDIR/seed-S``. Both are the same ``_fit``: build what
+``fit`` trains one seed; ``fit_seeds`` trains several, all in one compiled program, each into ``WORKDIR/seed-S``. Both are the same ``_fit``: build what
 the config describes (``build``), open the run folders (``runs.open``), loop.
-The ``Experiment`` holds what the models share (the config, the data on the device, the
-mesh, the ``steps.Strategy`` that computes their chunks of updates and curvature
-refreshes), each ``ModelRun`` what is one model's own (its ``runs.Run``, training
+The ``Experiment`` holds what the seeds share (the config, the data on the device, the
+mesh, the ``updates.Strategy`` that computes their chunks of updates and curvature
+refreshes), each ``SeedRun`` what is one seed's own (its ``runs.Run``, training
 positions and validation set), ``Controls`` how the loop reports and is stopped.
 
 The loop is thin: it runs the compiled chunk on each slice of the epoch's batches,
 refreshes SDLM's curvature when an epoch starts (as ``--hessian-refresh`` says), evaluates
-after the epoch, and saves. Where a model stands is its update count
+after the epoch, and saves. Where a seed stands is its update count
 (``checkpoint.Position``); everything random is derived from the seed and that count, so
 a run stopped anywhere resumes bit for bit.
 """
@@ -38,6 +37,7 @@ from lenet_jax.checkpoint import CHECKPOINTS, SEED_FOLDER, Position
 from lenet_jax.config import Config
 from lenet_jax.data import Dataset, validation_split
 from lenet_jax.errors import ConfigError, Diverged
+from lenet_jax.evaluation import evaluate
 from lenet_jax.factories import create_states, make_model, resolve
 from lenet_jax.fileio import RunFolder
 from lenet_jax.inputs import pad_images
@@ -45,7 +45,7 @@ from lenet_jax.model import LeNet5, count_parameters
 from lenet_jax.parallel import choose_devices, data_mesh, is_primary, put_replicated
 from lenet_jax.runs import Run, Start, zero_totals
 from lenet_jax.sdlm import uses_curvature
-from lenet_jax.steps import Strategy, epoch_batches, evaluate, update_key
+from lenet_jax.updates import Strategy, epoch_batches, update_key
 
 CHANCE_ERROR = 0.85
 """A test error at or above this after an epoch of at least ``CHANCE_UPDATES`` updates
@@ -59,7 +59,7 @@ each class about a tenth."""
 
 @dataclass
 class RunResult:
-    """The state a model ended with, its per-epoch history, its folder, where it stands
+    """The state a seed ended with, its per-epoch history, its folder, where it stands
     and how many epochs it was asked for (``finished`` unless a stop request ended it)."""
 
     state: TrainState
@@ -75,7 +75,7 @@ class RunResult:
 
 @dataclass(frozen=True)
 class Experiment:
-    """What the models trained together share: the config (the first model's seed), its
+    """What the seeds trained together share: the config (the first seed's), its
     model, the training and test data on the device, the mesh, the strategy and the
     chunking of an epoch."""
 
@@ -102,8 +102,8 @@ class Controls:
 
 
 @dataclass(frozen=True)
-class ModelRun:
-    """What is one model's own in an experiment: its config (its seed), its run folder
+class SeedRun:
+    """What is one seed's own in an experiment: its config (its seed), its run folder
     (``runs.Run``), the positions of its training images in the training set (None: all
     of them, in order) and its validation set."""
 
@@ -164,7 +164,7 @@ JACOBIAN_WORK, PROBE_WORK, ESTIMATE_BATCH = 2.5, 6.0, 16
 each keeping one parameter-sized vector per row of its output curvature (measured: 1 to
 1.8 of them a row) or about 4.4 per probe (measured), and one per pattern of the sample."""
 MEMORY_SHARE = 0.8
-"""The share of the available memory a run of several seeds plans to fill."""
+"""The share of the available memory a training of several seeds plans to fill."""
 
 
 def available_memory(device: Any = None) -> int | None:
@@ -329,19 +329,19 @@ def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str
     built = build(config, seeds, updates, one_device=several)
     say = log if is_primary() else (lambda message: None)
     with runs.open(workdir, built.configs, built.states, updates, resume, several, dataset.source, say, layout) as (opened, starts):
-        experiment, models = _place(built, dataset, positions, opened, updates)
-        return _train(experiment, models, starts, Controls(say, progress and is_primary(), stop))
+        experiment, seed_runs = _place(built, dataset, positions, opened, updates)
+        return _train(experiment, seed_runs, starts, Controls(say, progress and is_primary(), stop))
 
 
 def _place(built: Built, dataset: Dataset, positions: list[tuple[int, np.ndarray | None, np.ndarray | None]], opened: list[Run],
-           updates: int) -> tuple[Experiment, list[ModelRun]]:
+           updates: int) -> tuple[Experiment, list[SeedRun]]:
     """The data on the devices of the mesh: the training images (the first ``size`` ones
-    alone when no model takes others), the test set, each model's positions of its
+    alone when no seed takes others), the test set, each seed's positions of its
     training images and its validation set."""
     device = lambda x: put_replicated(x, built.mesh)  # noqa: E731
-    models = [
-        ModelRun(config=run.config, run=run, train_index=None if kept is None else device(kept.astype(np.int32)),
-                 validation=None if held_out is None else (device(dataset.train_images[held_out]), device(dataset.train_labels[held_out])))
+    seed_runs = [
+        SeedRun(config=run.config, run=run, train_index=None if kept is None else device(kept.astype(np.int32)),
+                validation=None if held_out is None else (device(dataset.train_images[held_out]), device(dataset.train_labels[held_out])))
         for run, (_, kept, held_out) in zip(opened, positions)
     ]
     size, first = positions[0][0], positions[0][1] is None
@@ -352,51 +352,51 @@ def _place(built: Built, dataset: Dataset, positions: list[tuple[int, np.ndarray
         test=(device(dataset.test_images), device(dataset.test_labels)), mesh=built.mesh, strategy=built.strategy,
         updates_per_epoch=updates, chunk_len=math.ceil(updates / min(config.chunks, updates)), infer_fn=built.infer_fn,
     )
-    return experiment, models
+    return experiment, seed_runs
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def _train(exp: Experiment, models: list[ModelRun], starts: list[Start], ctl: Controls) -> list[RunResult]:
-    """The epochs from where the models stand to the last, each saved when it completes;
-    a stop request saves every model where it is and returns."""
+def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: Controls) -> list[RunResult]:
+    """The epochs from where the seeds stand to the last, each saved when it completes;
+    a stop request saves every seed where it is and returns."""
     config, s = exp.config, exp.strategy
     state = put_replicated(s.stack([start.state for start in starts]), exp.mesh)  # placed as the data is: one compiled program
     histories = [start.history for start in starts]
     start = starts[0].position
-    seeds = f"; seeds {','.join(str(m.config.seed) for m in models)}" if len(models) > 1 else ""
+    seeds = f"; seeds {','.join(str(m.config.seed) for m in seed_runs)}" if len(seed_runs) > 1 else ""
     ctl.say(describe_run(config, starts[0].state, exp.updates_per_epoch * config.batch_size, exp.mesh, exp.model) + seeds)
 
     def results(position: Position) -> list[RunResult]:
-        return [RunResult(s.unstack(state, r), histories[r], m.workdir, position, config.epochs) for r, m in enumerate(models)]
+        return [RunResult(s.unstack(state, r), histories[r], m.workdir, position, config.epochs) for r, m in enumerate(seed_runs)]
 
     if starts[0].pending:
-        if _end_epoch(exp, ctl, models, state, histories, start, [st.totals for st in starts], saved=True):
+        if _end_epoch(exp, ctl, seed_runs, state, histories, start, [st.totals for st in starts], saved=True):
             return results(start)
     first = start.epoch + 1 if start.complete else start.epoch
     position = start
     for epoch in range(first, config.epochs + 1):
         resumed = epoch == start.epoch
-        totals = [st.totals for st in starts] if resumed else [zero_totals() for _ in models]
-        state, totals, done = _train_epoch(exp, ctl, models, state, epoch, start.update if resumed else 0, totals)
+        totals = [st.totals for st in starts] if resumed else [zero_totals() for _ in seed_runs]
+        state, totals, done = _train_epoch(exp, ctl, seed_runs, state, epoch, start.update if resumed else 0, totals)
         position = Position(epoch, done, exp.updates_per_epoch)
         if not position.complete:
-            _save_all(exp, models, state, histories, position, [{"totals": t} for t in totals])
-            ctl.say(f"stopped in epoch {epoch} after {done:,} of {exp.updates_per_epoch:,} updates; {_where(models)}")
+            _save_all(exp, seed_runs, state, histories, position, [{"totals": t} for t in totals])
+            ctl.say(f"stopped in epoch {epoch} after {done:,} of {exp.updates_per_epoch:,} updates; {_where(seed_runs)}")
             return results(position)
-        if _end_epoch(exp, ctl, models, state, histories, position, totals, saved=False):
+        if _end_epoch(exp, ctl, seed_runs, state, histories, position, totals, saved=False):
             return results(position)
         if epoch < config.epochs and ctl.stop():
-            ctl.say(f"stopped after epoch {epoch}; {_where(models)}")
+            ctl.say(f"stopped after epoch {epoch}; {_where(seed_runs)}")
             return results(position)
     return results(position)
 
 
-def _where(models: list[ModelRun]) -> str:
-    if len(models) == 1:
-        return f"checkpoint in {models[0].workdir / CHECKPOINTS}"
-    return f"checkpoints in {models[0].workdir.parent}/seed-*"
+def _where(seed_runs: list[SeedRun]) -> str:
+    if len(seed_runs) == 1:
+        return f"checkpoint in {seed_runs[0].workdir / CHECKPOINTS}"
+    return f"checkpoints in {seed_runs[0].workdir.parent}/seed-*"
 
 
 def describe_run(config: Config, state: TrainState, images: int, mesh: Mesh, model: LeNet5 | None = None) -> str:
@@ -408,7 +408,7 @@ def describe_run(config: Config, state: TrainState, images: int, mesh: Mesh, mod
         f"training LeNet-5 ({config.head} head, {config.loss} loss, {parameters:,} parameters) "
         f"with {config.optimizer} on {images:,} {config.dataset} images, batch {config.batch_size}, {config.epochs} epochs, "
         f"on {mesh.size} {jax.devices()[0].platform} device(s){processes}; "
-        f"precision {config.precision}, convolutions {config.conv_impl}, updates {config.step_impl}"
+        f"precision {config.precision}, convolutions {config.conv_impl}, updates {config.update_impl}"
     )
 
 
@@ -420,20 +420,20 @@ def wait(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
-def _train_epoch(exp: Experiment, ctl: Controls, models: list[ModelRun], state: TrainState, epoch: int, first: int,
+def _train_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state: TrainState, epoch: int, first: int,
                  totals: list[dict[str, float]]) -> tuple[TrainState, list[dict[str, float]], int]:
-    """Updates ``first``.. of ``epoch`` for every model, chunk by chunk (the curvature
-    refreshed first when the epoch starts); returns the state, each model's running sums
+    """Updates ``first``.. of ``epoch`` for every seed, chunk by chunk (the curvature
+    refreshed first when the epoch starts); returns the state, each seed's running sums
     and how many updates of the epoch are done (fewer than all when a stop request came)."""
     s, config, updates = exp.strategy, exp.config, exp.updates_per_epoch
     t0 = time.perf_counter()
     if first == 0 and uses_curvature(state.opt_state) and config.refreshes_curvature(epoch):
-        state = s.refresh(state, exp.images, exp.labels, [m.config for m in models], [m.train_index for m in models], epoch)
-    n = exp.labels.shape[0] if models[0].train_index is None else models[0].train_index.shape[0]
-    batches = [epoch_batches(m.config.seed, epoch, n, config.batch_size, config.shuffle) for m in models]
-    batches = [b if m.train_index is None else m.train_index[b] for b, m in zip(batches, models)]
-    keys = s.stack([update_key(m.config.seed) for m in models])
-    bs, r = config.batch_size, len(models)
+        state = s.refresh(state, exp.images, exp.labels, [m.config for m in seed_runs], [m.train_index for m in seed_runs], epoch)
+    n = exp.labels.shape[0] if seed_runs[0].train_index is None else seed_runs[0].train_index.shape[0]
+    batches = [epoch_batches(m.config.seed, epoch, n, config.batch_size, config.shuffle) for m in seed_runs]
+    batches = [b if m.train_index is None else m.train_index[b] for b, m in zip(batches, seed_runs)]
+    keys = s.stack([update_key(m.config.seed) for m in seed_runs])
+    bs, r = config.batch_size, len(seed_runs)
     bar = tqdm(total=updates * bs * r, initial=first * bs * r, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not ctl.progress, leave=False)
     done = first
     try:
@@ -442,10 +442,10 @@ def _train_epoch(exp: Experiment, ctl: Controls, models: list[ModelRun], state: 
             state, m = s.chunk(state, exp.images, exp.labels, chunk, keys)
             m = wait(m)
             done = min(c + exp.chunk_len, updates)
-            finite = s.per_model(m["finite"])
+            finite = s.per_seed(m["finite"])
             if not finite.all():
-                raise Diverged(_divergence(models, finite, epoch, c, done, updates))
-            losses, errors = s.per_model(m["loss"]), s.per_model(m["errors"])
+                raise Diverged(_divergence(seed_runs, finite, epoch, c, done, updates))
+            losses, errors = s.per_seed(m["loss"]), s.per_seed(m["errors"])
             totals = [{"loss": t["loss"] + float(losses[i]), "errors": t["errors"] + int(errors[i]), "seconds": t["seconds"]}
                       for i, t in enumerate(totals)]
             bar.update((done - c) * bs * r)
@@ -457,33 +457,33 @@ def _train_epoch(exp: Experiment, ctl: Controls, models: list[ModelRun], state: 
     return state, [dict(t, seconds=t["seconds"] + elapsed) for t in totals], done
 
 
-def _divergence(models: list[ModelRun], finite: np.ndarray, epoch: int, c: int, done: int, updates: int) -> str:
+def _divergence(seed_runs: list[SeedRun], finite: np.ndarray, epoch: int, c: int, done: int, updates: int) -> str:
     """The one line of a run whose loss or parameters stopped being finite: where, and
     the last good checkpoint."""
-    bad = [m for m, ok in zip(models, finite) if not ok]
-    who = "" if len(models) == 1 else f" for seed(s) {','.join(str(m.config.seed) for m in bad)}"
-    last = bad[0].run.last_step()
-    if len(models) == 1:
-        where = f"{Position.of_step(last, updates).describe()} in {models[0].workdir / CHECKPOINTS}" if last is not None else "none"
+    bad = [m for m, ok in zip(seed_runs, finite) if not ok]
+    who = "" if len(seed_runs) == 1 else f" for seed(s) {','.join(str(m.config.seed) for m in bad)}"
+    last = bad[0].run.newest_count()
+    if len(seed_runs) == 1:
+        where = f"{Position.at_count(last, updates).describe()} in {seed_runs[0].workdir / CHECKPOINTS}" if last is not None else "none"
         good = f"the last good checkpoint is {where}"
     else:
-        good = f"the last good checkpoints are in {models[0].workdir.parent}/seed-*" if last is not None else "no checkpoint was saved"
+        good = f"the last good checkpoints are in {seed_runs[0].workdir.parent}/seed-*" if last is not None else "no checkpoint was saved"
     return f"the loss or the parameters became NaN or infinite{who} in epoch {epoch}, updates {c + 1}-{done} of {updates}; {good}"
 
 
-def _end_epoch(exp: Experiment, ctl: Controls, models: list[ModelRun], state: TrainState, histories: list[list[dict[str, Any]]],
+def _end_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state: TrainState, histories: list[list[dict[str, Any]]],
                position: Position, totals: list[dict[str, float]], saved: bool) -> bool:
-    """Evaluate every model after a completed epoch, save it with its row, log the rows
-    and check that no model answers at chance. A stop request between two models'
-    evaluations saves the models with the evaluation still to do (unless ``saved``: they
+    """Evaluate every seed after a completed epoch, save it with its row, log the rows
+    and check that no seed answers at chance. A stop request between two seeds'
+    evaluations saves the seeds with the evaluation still to do (unless ``saved``: they
     already are) and returns True."""
     s, epoch = exp.strategy, position.epoch
     rows, chance = [], []
-    for r, m in enumerate(models):
-        if r > 0 and ctl.stop():  # each model's test set takes a while: many models must not delay a stop
+    for r, m in enumerate(seed_runs):
+        if r > 0 and ctl.stop():  # each seed's test set takes a while: many seeds must not delay a stop
             if not saved:
-                _save_all(exp, models, state, histories, position, [{"totals": t} for t in totals])
-            ctl.say(f"stopped at the end of epoch {epoch}, before its evaluation; {_where(models)}")
+                _save_all(exp, seed_runs, state, histories, position, [{"totals": t} for t in totals])
+            ctl.say(f"stopped at the end of epoch {epoch}, before its evaluation; {_where(seed_runs)}")
             return True
         row, at_chance = evaluate_epoch(exp, m, s.unstack(state, r), epoch, totals[r])
         rows.append(row)
@@ -491,10 +491,10 @@ def _end_epoch(exp: Experiment, ctl: Controls, models: list[ModelRun], state: Tr
     for r, row in enumerate(rows):
         histories[r] = histories[r] + [row]
     if not saved:
-        _save_all(exp, models, state, histories, position, [{"metrics": row} for row in rows])
-    for m, row in zip(models, rows):
+        _save_all(exp, seed_runs, state, histories, position, [{"metrics": row} for row in rows])
+    for m, row in zip(seed_runs, rows):
         m.run.log(row)
-    if len(models) == 1:
+    if len(seed_runs) == 1:
         row = rows[0]
         val = f"  val {row['val_error']:.2%}" if "val_error" in row else ""
         ctl.say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_error']:.2%}{val}"
@@ -503,7 +503,7 @@ def _end_epoch(exp: Experiment, ctl: Controls, models: list[ModelRun], state: Tr
         errors = [row["test_error"] for row in rows]
         ctl.say(f"epoch {epoch:3d}  test " + "  ".join(f"{e:.2%}" for e in errors) + f"  (mean {mean_and_spread(errors)[0]:.2%})  {rows[0]['seconds']:.1f}s")
     if any(chance):
-        who = "" if len(models) == 1 else f" (seed(s) {','.join(str(m.config.seed) for m, c in zip(models, chance) if c)})"
+        who = "" if len(seed_runs) == 1 else f" (seed(s) {','.join(str(m.config.seed) for m, c in zip(seed_runs, chance) if c)})"
         line = (f"epoch {epoch}: the network answers at chance{who}: its units have likely saturated "
                 "(a learning rate too large for the initialisation, or a mu too small)")
         if exp.config.stop_at_chance:
@@ -512,7 +512,7 @@ def _end_epoch(exp: Experiment, ctl: Controls, models: list[ModelRun], state: Tr
     return False
 
 
-def evaluate_epoch(exp: Experiment, model: ModelRun, state: TrainState, epoch: int, totals: dict[str, float]) -> tuple[dict[str, Any], bool]:
+def evaluate_epoch(exp: Experiment, seed_run: SeedRun, state: TrainState, epoch: int, totals: dict[str, float]) -> tuple[dict[str, Any], bool]:
     """The history row of a completed epoch (its running training loss and error, its
     seconds, the test and validation loss and error after it), and whether the network
     answers at chance: one answer for every test digit, or, after an epoch of at least
@@ -522,8 +522,8 @@ def evaluate_epoch(exp: Experiment, model: ModelRun, state: TrainState, epoch: i
     row: dict[str, Any] = {"epoch": epoch, "train_loss": totals["loss"] / seen, "train_error": totals["errors"] / seen, "seconds": totals["seconds"]}
     params = jax.device_get(state.params)
     objective, batch = exp.config.objective, exp.config.eval_batch_size
-    if model.validation is not None:
-        v = evaluate(params, exp.infer_fn, *model.validation, objective, batch)
+    if seed_run.validation is not None:
+        v = evaluate(params, exp.infer_fn, *seed_run.validation, objective, batch)
         row.update(val_loss=v["loss"], val_error=v["error"])
     t = evaluate(params, exp.infer_fn, *exp.test, objective, batch)
     row.update(test_loss=t["loss"], test_error=t["error"])
@@ -533,13 +533,13 @@ def evaluate_epoch(exp: Experiment, model: ModelRun, state: TrainState, epoch: i
     return row, at_chance
 
 
-def _save_all(exp: Experiment, models: list[ModelRun], state: TrainState, histories: list[list[dict[str, Any]]], position: Position,
+def _save_all(exp: Experiment, seed_runs: list[SeedRun], state: TrainState, histories: list[list[dict[str, Any]]], position: Position,
               extras: list[dict[str, Any]]) -> None:
-    """Save every model at ``position``, then prune each: a run stopped while it saves
-    keeps every step the saved models had before."""
-    for r, m in enumerate(models):
+    """Save every seed at ``position``, then prune each: a run stopped while it saves
+    keeps every checkpoint the saved seeds had before."""
+    for r, m in enumerate(seed_runs):
         m.run.save(position, exp.strategy.unstack(state, r), histories[r], **extras[r])
-    for m in models:
+    for m in seed_runs:
         m.run.prune()
 
 

@@ -100,9 +100,9 @@ def write_idx_folder(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool
 def refresh_curvature(state, images, labels, config, epoch: int):
     """``state`` holding the curvature estimate a one-model run of ``config`` takes before
     ``epoch`` (what ``training`` does as the epoch starts, through ``Strategy.refresh``)."""
-    from lenet_jax.steps import Strategy
+    from lenet_jax.updates import Strategy
 
-    return Strategy.build(config, replicas=1, updates_per_epoch=1).refresh(state, images, labels, [config], [None], epoch)
+    return Strategy.build(config, n_seeds=1, updates_per_epoch=1).refresh(state, images, labels, [config], [None], epoch)
 
 
 # --------------------------------------------------------------------------- the commands

@@ -51,7 +51,7 @@ def test_a_truncated_array_file_is_one_line_in_words_and_nothing_else(tmp_path):
     data = largest_data_file(step)
     data.write_bytes(data.read_bytes()[:10])
     damaged = files_of(step)
-    notice = (r"skipping checkpoint step 16: its state does not load \(the end of epoch 2: "
+    notice = (r"skipping checkpoint 16: its state does not load \(the end of epoch 2: "
               r"array (params|opt_state)(/\w+)+ could not be read \(a truncated file\)\)")
 
     evaluated = run_script("eval.py", "--workdir", str(run), "--epoch", "latest", "--summary")
@@ -135,7 +135,7 @@ def test_each_kind_of_damage_is_recognised_and_named_in_words(saved, tmp_path, d
     with pytest.raises(ckpt.NoGoodCheckpoint, match="no checkpoint loads"):
         ckpt.restore_newest_good(mngr, lambda record: target, log=said.append)
     mngr.close()
-    assert len(said) == 1 and said[0].startswith("skipping checkpoint step 10: its "), said
+    assert len(said) == 1 and said[0].startswith("skipping checkpoint 10: its "), said
     assert re.search(named, said[0]) and not [n for n in NOISE if n in said[0]], said[0]
 
 

@@ -130,7 +130,7 @@ def test_exporting_a_run_as_the_pretrained_model(mnist, tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"exported epoch 1 of {work}" in out.stdout
     from lenet_jax import pretrained
-    from lenet_jax.checkpoint import restore_run
+    from lenet_jax.runs import restore_run
 
     params, config, meta = pretrained.load(tmp_path / "model")
     state, _, record = restore_run(work, "1")

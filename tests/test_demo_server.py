@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import http.client
 import io
-import io
 import json
 import os
 import socket
@@ -21,7 +20,6 @@ import subprocess
 import sys
 import threading
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest

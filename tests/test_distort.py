@@ -14,8 +14,8 @@ from lenet_jax.config import Config
 from lenet_jax.distort import Distortion, distort_batch, random_affine, warp
 from lenet_jax.factories import create_state
 from lenet_jax.inputs import BACKGROUND, preprocess
-from lenet_jax.steps import Strategy, train_chunk
 from lenet_jax.training import fit
+from lenet_jax.updates import Strategy, train_chunk
 
 from conftest import QUIET, one_line, small
 
@@ -81,9 +81,9 @@ def test_distorted_training_differs_and_is_reproducible(mnist):
 def test_the_chunks_of_a_distorted_run_are_given_its_distortion():
     """``Strategy.build`` hands ``--distort``'s ``Distortion`` to the compiled chunk, of one
     model and of several (what the chunk does with it: the slow tests above and below)."""
-    for replicas in (1, 2):
-        plain = Strategy.build(Config(), replicas=replicas, updates_per_epoch=8).chunk
-        distorted = Strategy.build(Config(distort=True, distort_translate=1.5), replicas=replicas, updates_per_epoch=8).chunk
+    for n_seeds in (1, 2):
+        plain = Strategy.build(Config(), n_seeds=n_seeds, updates_per_epoch=8).chunk
+        distorted = Strategy.build(Config(distort=True, distort_translate=1.5), n_seeds=n_seeds, updates_per_epoch=8).chunk
         assert plain.keywords["augment"] is None
         assert distorted.keywords["augment"] == Distortion(translate=1.5) != Distortion()
 

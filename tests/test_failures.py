@@ -17,7 +17,7 @@ import pytest
 from test_hostile_round3 import quick
 
 from lenet_jax import checkpoint as ckpt
-from lenet_jax import data, parallel
+from lenet_jax import data, parallel, runs
 from lenet_jax.config import Config
 from lenet_jax.errors import CheckpointError, ConfigError
 from lenet_jax.factories import create_state
@@ -146,7 +146,7 @@ def test_a_bug_in_reading_a_checkpoint_propagates_and_touches_nothing(tmp_path, 
                                  damaged=lambda step: str(ckpt.move_aside(mngr, step)))
     mngr.close()
     with pytest.raises(TypeError, match="a bug in restoring"):
-        ckpt.restore_run(folder, "latest", log=said.append)
+        runs.restore_run(folder, "latest", log=said.append)
     assert said == [] and sorted(p.name for p in folder.iterdir()) == before == ["10", "20"]
 
 
@@ -169,7 +169,7 @@ def test_a_failed_save_is_one_line_only_when_the_system_refused_it(tmp_path, mon
                     "to file 14: File too large [os_error_code='27']"), "File too large (errno 27)"),
     ]:
         failure[:] = [error]
-        with pytest.raises(CheckpointError, match=re.escape(f"cannot save checkpoint step 10 ({reason})") + "$"):
+        with pytest.raises(CheckpointError, match=re.escape(f"cannot save checkpoint 10 ({reason})") + "$"):
             ckpt.save(mngr, 10, state, {})
         assert list((tmp_path / "checkpoints").iterdir()) == []
     for error in (TypeError("a bug in saving"), ValueError("User-provided item tree does not match")):

@@ -12,11 +12,11 @@ import pytest
 from lenet_jax import fused
 from lenet_jax.config import Config
 from lenet_jax.errors import ConfigError
-from lenet_jax.factories import create_state, make_schedule, step_impl_for
+from lenet_jax.factories import create_state, make_schedule, update_impl_for
 from lenet_jax.inputs import pad_images
 from lenet_jax.sdlm import get_hessian, set_hessian
-from lenet_jax.steps import compiled_train_chunk, epoch_batches, update_key
 from lenet_jax.training import fit
+from lenet_jax.updates import compiled_train_chunk, epoch_batches, update_key
 
 from conftest import QUIET, refresh_curvature, small
 
@@ -79,9 +79,9 @@ def test_packing_the_parameters_is_lossless(rbf_model):
 
 
 def test_only_the_papers_configuration_is_fused():
-    assert step_impl_for(Config()) == "xla" and step_impl_for(Config(step_impl="fused")) == "fused"
+    assert update_impl_for(Config()) == "xla" and update_impl_for(Config(update_impl="fused")) == "fused"
     with pytest.raises(ConfigError, match=r"paper's configuration at batch 1 only; this run asks for --batch-size 8, --dropout 0.1"):
-        step_impl_for(Config(step_impl="fused", batch_size=8, dropout=0.1))
+        update_impl_for(Config(update_impl="fused", batch_size=8, dropout=0.1))
 
 
 def test_the_fused_kernel_lowers_to_triton_for_cuda(start):
@@ -97,10 +97,10 @@ def test_the_fused_kernel_lowers_to_triton_for_cuda(start):
 @pytest.mark.slow
 def test_a_fused_run_trains_and_resumes_exactly(mnist, tmp_path):
     data = small(mnist, 150, 500)
-    config = Config(step_impl="fused", epochs=2, hessian_samples=20)
+    config = Config(update_impl="fused", epochs=2, hessian_samples=20)
     straight = fit(config, data, tmp_path / "a", **QUIET)
     fit(config.replace(epochs=1), data, tmp_path / "b", **QUIET)
     resumed = fit(config, data, tmp_path / "b", resume=True, **QUIET)
     chex.assert_trees_all_equal(straight.state.params, resumed.state.params)
-    xla = fit(config.replace(step_impl="xla"), data, tmp_path / "c", **QUIET)
+    xla = fit(config.replace(update_impl="xla"), data, tmp_path / "c", **QUIET)
     assert straight.history[-1]["test_error"] == pytest.approx(xla.history[-1]["test_error"], abs=0.01)

@@ -364,7 +364,7 @@ def test_a_truncated_checkpoint_is_one_quiet_line_and_a_killed_save_leaves_nothi
     said = []
     fit(config.replace(epochs=3), small(mnist, 60, 50), tmp_path, resume=True, log=said.append, progress=False)
     err = capfd.readouterr().err
-    assert len([m for m in said if m.startswith("skipping checkpoint step 120")]) == 1
+    assert len([m for m in said if m.startswith("skipping checkpoint 120")]) == 1
     assert len(err.strip().splitlines()) <= 2, err[-3000:]
     assert not leftover.exists()
 

@@ -22,7 +22,7 @@ from PIL import Image
 from test_preemption import Stream
 
 from lenet_jax import checkpoint as ckpt
-from lenet_jax import pretrained, training
+from lenet_jax import pretrained, runs, training
 from lenet_jax.cli.evaluate import main as eval_main
 from lenet_jax.cli.train import main as train_main
 from lenet_jax.config import Config
@@ -81,8 +81,8 @@ def test_2_reading_a_run_never_removes_its_temporary_folders(mnist, tmp_path, ca
     saving.mkdir()
     (saving / "being-written").write_text("x")
     assert eval_main(["--workdir", str(tmp_path), "--summary"]) == 0
-    ckpt.restore_run(tmp_path, "latest", log=lambda m: None)
-    ckpt.saved_config(tmp_path)
+    runs.restore_run(tmp_path, "latest", log=lambda m: None)
+    runs.saved_config(tmp_path)
     assert (saving / "being-written").is_file()
     capsys.readouterr()
 
@@ -126,7 +126,7 @@ def test_3_a_non_finite_state_is_refused_at_save_and_at_load(tmp_path, capsys):
     state = create_state(config, 10)
     bad = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
     mngr = ckpt.writer(tmp_path / "checkpoints")
-    with pytest.raises(Diverged, match="refusing to save checkpoint step 10: its parameters or optimiser state hold NaN"):
+    with pytest.raises(Diverged, match="refusing to save checkpoint 10: its parameters or optimiser state hold NaN"):
         ckpt.save(mngr, 10, bad, {"epoch": 1})
     assert mngr.all_steps() == []
     record = {"epoch": 1, "update": 10, "updates_per_epoch": 10, "config": config.to_dict(), "history": [], "format": ckpt.FORMAT}
@@ -166,7 +166,7 @@ def test_4_one_answer_for_every_digit_is_chance_however_short_the_epoch(mnist, t
     data = small(mnist, 8, 200)
     with pytest.raises(Diverged, match="epoch 1: the network answers at chance"):
         fit(Config(epochs=2, optimizer="sgd", lr=1.0, schedule="constant"), data, tmp_path, **QUIET)
-    _, _, record = ckpt.restore_run(tmp_path, "latest", log=lambda m: None)
+    _, _, record = runs.restore_run(tmp_path, "latest", log=lambda m: None)
     assert record["epoch"] == 1  # kept for inspection, and no epoch after it
 
 
@@ -275,7 +275,7 @@ def test_6_7_8_seeds_into_another_run_are_refused_and_create_nothing(mnist, tmp_
     for given in ("0,1,3", "2,7", "0,1"):  # 7, 8
         assert f"--seeds {given}: the run in {seeds} has seeds 0,1,2; --resume continues all of them" in one_line(
             capsys, train_main(["--workdir", str(seeds), "--resume", "--seeds", given]))
-    assert "holds a run of several seeds (seed-0, seed-1, seed-2)" in one_line(
+    assert "holds the runs of several seeds (seed-0, seed-1, seed-2)" in one_line(
         capsys, train_main([*base, "--seed", "4", "--workdir", str(seeds)]))
     assert listing() == before  # 7: a refused command creates nothing
     assert train_main(["--workdir", str(seeds), "--resume", "--epochs", "2", "--no-progress"]) == 0  # still resumable as a whole
@@ -343,7 +343,7 @@ def test_10_a_full_disk_during_a_save_is_one_line_and_leaves_no_run_behind(tmp_p
     _, err = proc.communicate(timeout=300)
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 2
-    assert len(lines) == 1 and lines[0].startswith(f"error: {run / 'checkpoints'}: cannot save checkpoint step 8 (File too large"), lines[:5]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run / 'checkpoints'}: cannot save checkpoint 8 (File too large"), lines[:5]
     assert not run.exists()
 
 
@@ -373,7 +373,7 @@ def test_13_a_record_whose_history_is_not_a_list_is_skipped_never_split(mnist, t
     path.write_text(json.dumps(dict(json.loads(path.read_text()), history="ab")))
     said = []
     resumed = fit(config.replace(epochs=3), data, tmp_path, resume=True, log=said.append, progress=False)
-    assert any("skipping checkpoint step 80: its record does not load (DamagedRecord: step 80: its record's 'history' is str, not list)" in m
+    assert any("skipping checkpoint 80: its record does not load (DamagedRecord: checkpoint 80: its record's 'history' is str, not list)" in m
                for m in said)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["epoch"] for r in resumed.history] == [1, 2, 3]
@@ -386,7 +386,7 @@ def test_11_a_record_without_its_epoch_is_one_line_in_eval(mnist, tmp_path, caps
     record = json.loads(path.read_text())
     del record["epoch"]
     path.write_text(json.dumps(record))
-    assert "checkpoint step 40 has a record without its epoch" in one_line(capsys, eval_main(["--workdir", str(tmp_path)]))
+    assert "checkpoint 40 has a record without its epoch" in one_line(capsys, eval_main(["--workdir", str(tmp_path)]))
 
 
 @pytest.mark.slow
@@ -434,5 +434,5 @@ def test_15_messages_say_what_is_there(mnist, tmp_path, capsys):
     (tmp_path / "seeds" / "seed-0" / "checkpoints").mkdir(parents=True)
     (tmp_path / "seeds" / "seed-1" / "checkpoints").mkdir(parents=True)
     for command in (["--summary"], ["--image", str(ROOT / "docs" / "rbf_bitmaps.png")]):
-        assert f"{tmp_path / 'seeds'} holds a run of several seeds (seed-0, seed-1): give one seed's folder" in one_line(
+        assert f"{tmp_path / 'seeds'} holds the runs of several seeds (seed-0, seed-1): give one seed's folder" in one_line(
             capsys, eval_main([*command, "--workdir", str(tmp_path / "seeds")]))

@@ -14,18 +14,18 @@ import pytest
 
 from lenet_jax import checkpoint as ckpt
 from lenet_jax import training
+from lenet_jax.checkpoint import Position
 from lenet_jax.cli.evaluate import build_parser as eval_parser
 from lenet_jax.cli.evaluate import main as eval_main
 from lenet_jax.cli.train import build_parser as train_parser
 from lenet_jax.cli.train import curvature_sample_used, parse_command_line, resolve_config
 from lenet_jax.cli.train import main as train_main
 from lenet_jax.config import LUSH, Config
-from lenet_jax.checkpoint import Position
 from lenet_jax.errors import ConfigError
 from lenet_jax.factories import create_state
 from lenet_jax.inputs import pad_images
-from lenet_jax.steps import curvature_model, replicated_estimate, replicated_train_chunk
 from lenet_jax.training import fit_seeds, seed_groups, seed_memory
+from lenet_jax.updates import curvature_model, seeds_estimate, seeds_train_chunk
 
 from conftest import QUIET, one_line, small
 
@@ -72,6 +72,33 @@ def test_the_earlier_step_option_selects_an_epoch_of_a_run_with_a_note(run_folde
     assert "C1" in captured.out and "total" in captured.out
     assert eval_main(["--workdir", str(run_folder), "--epoch", "1", "--summary"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_eval_help_lists_one_option_for_the_epoch(capsys):
+    """--step is kept as --epoch's earlier name, but the help names only --epoch: one
+    meaning of the word "step" (an update) in what a user reads."""
+    with pytest.raises(SystemExit):
+        eval_parser().parse_args(["--help"])
+    shown = capsys.readouterr().out
+    assert "--epoch" in shown and "--step" not in shown
+
+
+def test_the_earlier_update_impl_name_is_the_same_option_with_a_note(tmp_path, capsys):
+    config, _ = resolved("--step-impl", "xla")
+    assert config.update_impl == "xla"
+    assert train_parser().parse_args(["--step-impl=fused"]).update_impl == "fused"
+    assert "--step-impl is its earlier name" in " ".join(train_parser().format_help().split())
+    assert train_main(["--step-impl", "xla", "--resume"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "note: --step-impl is now --update-impl (the same option); the earlier name goes in a later version", err
+    assert err[1].startswith("error: --resume needs the --workdir")
+
+
+def test_a_saved_config_with_the_earlier_update_impl_name_loads_as_the_new_one():
+    """A config.json or checkpoint record written before the rename reads (and resumes)."""
+    assert Config.from_dict({"step_impl": "fused", "seed": 3}).update_impl == "fused"
+    with pytest.raises(ConfigError, match="'step_impl' is the earlier name of 'update_impl'; give one of them"):
+        Config.from_dict({"step_impl": "fused", "update_impl": "xla"})
 
 
 # --------------------------------------------------------------------------- 3. the loss follows the head
@@ -165,7 +192,7 @@ def test_the_rules_are_in_the_help():
                  "train.py says so and config.json records the number used", "a preset's is dropped when --optimizer changes"]:
         assert rule in text, rule
     text = " ".join(eval_parser().format_help().split())
-    assert "refused without a run" in text and "refused with --epoch, and without a run" in text
+    assert "refused without a run" in text
 
 
 # --------------------------------------------------------------------------- 6. many seeds
@@ -195,11 +222,11 @@ def test_the_estimate_covers_what_the_compiled_programs_take():
         state = jax.eval_shape(lambda: jax.tree.map(lambda x: jnp.stack([x, x]), create_state(config, 10)))
         each, _ = seed_memory(config, 60_000)
         batches = jax.ShapeDtypeStruct((2, 4, config.batch_size), jnp.int32)
-        planned = replicated_train_chunk.lower(state, images, labels, batches, keys, objective=config.objective).compile().memory_analysis()
+        planned = seeds_train_chunk.lower(state, images, labels, batches, keys, objective=config.objective).compile().memory_analysis()
         assert planned.temp_size_in_bytes / 2 < each
         if config.optimizer == "sdlm":
             pick = jax.ShapeDtypeStruct((2, 256), jnp.int32)
-            planned = replicated_estimate.lower(state.params, images, labels, pick, keys, estimator="paper", model=curvature_model(config),
+            planned = seeds_estimate.lower(state.params, images, labels, pick, keys, estimator="paper", model=curvature_model(config),
                                                 objective=config.objective, probes=8).compile().memory_analysis()
             assert 0.5 * each < planned.temp_size_in_bytes / 2 < each  # measured: 67 MB of 86 MB
 

@@ -13,9 +13,10 @@ import pytest
 
 from lenet_jax import precision as prec
 from lenet_jax.config import Config
+from lenet_jax.evaluation import evaluate_arrays
 from lenet_jax.factories import create_state, make_model
 from lenet_jax.inputs import pad_images
-from lenet_jax.steps import CHUNK_STATIC, curvature_model, estimate_hessian, evaluate_arrays, train_chunk
+from lenet_jax.updates import CHUNK_STATIC, curvature_model, estimate_hessian, train_chunk
 
 PRODUCT = re.compile(r"stablehlo\.(dot_general|convolution)\b.*")
 

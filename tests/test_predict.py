@@ -18,10 +18,10 @@ from lenet_jax import plots, pretrained
 from lenet_jax.cli.evaluate import main as eval_main
 from lenet_jax.config import Config
 from lenet_jax.errors import DataError
+from lenet_jax.evaluation import evaluate
 from lenet_jax.factories import make_model
 from lenet_jax.model import init_params
 from lenet_jax.predict import ImageError, image_paths, mnist_recipe, predict_digits, predict_images, read_picture
-from lenet_jax.steps import evaluate
 
 from conftest import numpy_rbf_penalties, run_script
 

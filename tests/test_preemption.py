@@ -13,10 +13,11 @@ import threading
 import chex
 import pytest
 
-from lenet_jax.checkpoint import Position, restore_run
+from lenet_jax.checkpoint import Position
 from lenet_jax.config import Config
 from lenet_jax.data import Dataset
 from lenet_jax.factories import resolve
+from lenet_jax.runs import restore_run
 from lenet_jax.training import fit
 
 from conftest import QUIET, ROOT
@@ -50,8 +51,8 @@ def test_stopped_anywhere_and_resumed_is_bit_identical(data, straight, tmp_path,
     stopped = fit(config, data, tmp_path, stop=stop_after(calls), **QUIET)
     epoch, update = divmod(calls, 4)
     expected = Position(epoch + 1, update * 60, 240) if update else Position(epoch, 240, 240)
-    assert stopped.position == expected and not stopped.finished and int(stopped.state.step) == expected.step
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())[-1] == expected.step
+    assert stopped.position == expected and not stopped.finished and int(stopped.state.step) == expected.count
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())[-1] == expected.count
     said = []
     resumed = fit(config, data, tmp_path, resume=True, log=said.append, progress=False)
     where = f"epoch {epoch + 1}, update {update * 60} of 240" if update else f"the end of epoch {epoch}"
@@ -71,7 +72,7 @@ def test_a_damaged_interrupted_checkpoint_falls_back_to_the_epoch_before(data, s
         f.write_bytes(f.read_bytes()[:10])
     said = []
     resumed = fit(config, data, tmp_path, resume=True, log=said.append, progress=False)
-    assert any(m.startswith("skipping checkpoint step 360: its state does not load") for m in said)
+    assert any(m.startswith("skipping checkpoint 360: its state does not load") for m in said)
     assert f"resuming {tmp_path} at the end of epoch 1" in said
     chex.assert_trees_all_equal(reference.state.params, resumed.state.params)
 

@@ -96,7 +96,7 @@ def test_sdlm_converges_on_an_ill_conditioned_quadratic():
 
 
 def test_sdlm_under_inject_hyperparams_and_jit():
-    """The global step and mu become state that can be changed while compiled."""
+    """The learning rate and mu become state that can be changed while compiled."""
     params = {"w": jnp.array([1.0, -2.0])}
     tx = optax.inject_hyperparams(sdlm)(learning_rate=1e-2, mu=0.5)
     state = set_hessian(tx.init(params), {"w": jnp.array([1.5, 0.0])})

@@ -13,13 +13,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lenet_jax import checkpoint as ckpt
-from lenet_jax.checkpoint import restore_run
 from lenet_jax.config import Config
 from lenet_jax.errors import ConfigError
+from lenet_jax.evaluation import evaluate, evaluate_arrays
 from lenet_jax.factories import create_state, resolve
 from lenet_jax.layers import C3_TABLE, connection_mask
-from lenet_jax.steps import CHUNK_STATIC, evaluate, evaluate_arrays, train_chunk
+from lenet_jax.runs import restore_run
 from lenet_jax.training import fit
+from lenet_jax.updates import CHUNK_STATIC, train_chunk
 
 from conftest import QUIET, small
 
@@ -155,13 +156,13 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(mnist, tmp_path, fault
     said = []
     _, _, record = restore_run(tmp_path, "latest", log=said.append)  # a reader: it names the step and touches nothing
     assert record["epoch"] == 1
-    assert len(said) == 1 and said[0].startswith("skipping checkpoint step 200:")
+    assert len(said) == 1 and said[0].startswith("skipping checkpoint 200:")
     assert (tmp_path / "checkpoints" / "200").is_dir()
     said = []
     resumed = fit(config.replace(epochs=3), data, tmp_path, resume=True, log=said.append, progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     aside = tmp_path / "checkpoints" / "unloadable-200"  # moved aside, whole, never deleted
-    assert any(m.startswith("skipping checkpoint step 200:") and m.endswith(f"moved to {aside}") for m in said)
+    assert any(m.startswith("skipping checkpoint 200:") and m.endswith(f"moved to {aside}") for m in said)
     assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*")) == damaged
     restored, _, record = restore_run(tmp_path, "latest", log=said.append)
     assert record["epoch"] == 3 and int(restored.step) == 300
@@ -185,7 +186,7 @@ def test_a_read_error_on_resume_stops_and_moves_or_deletes_nothing(mnist, tmp_pa
         return real(mngr, step, target)
 
     monkeypatch.setattr(ckpt, "restore", flaky)
-    with pytest.raises(ckpt.CheckpointReadError, match=r"reading step 200 failed \(OSError: \[Errno 5\] Input/output error\); nothing was skipped"):
+    with pytest.raises(ckpt.CheckpointReadError, match=r"reading checkpoint 200 failed \(OSError: \[Errno 5\] Input/output error\); nothing was skipped"):
         fit(config.replace(epochs=3), data, tmp_path, resume=True, **QUIET)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before == ["100", "200"]
     monkeypatch.setattr(ckpt, "restore", real)
@@ -208,10 +209,10 @@ def test_the_compiled_chunk_is_traced_once_for_a_whole_run(mnist, tmp_path, monk
     """The project's own loop: the chunks of a pass, and the next pass after a curvature
     refresh, all reuse one compiled program. A change that made the state's structure or
     dtypes drift between calls (and so traced every chunk again) fails here."""
-    from lenet_jax import steps
+    from lenet_jax import updates
 
     traced = jax.jit(chex.assert_max_traces(train_chunk, n=1), static_argnames=CHUNK_STATIC, donate_argnames=("state",))
-    monkeypatch.setattr(steps, "compiled_train_chunk", traced)  # what Strategy.build takes for one model
+    monkeypatch.setattr(updates, "compiled_train_chunk", traced)  # what Strategy.build takes for one model
     config = Config(epochs=2, train_subset=60, hessian_samples=10, dropout=0.1, chunks=3, stop_at_chance=False)
     result = fit(config, small(mnist, 60, 20), tmp_path, **QUIET)
     assert int(result.state.step) == 120 and [r["epoch"] for r in result.history] == [1, 2]
@@ -260,7 +261,7 @@ def test_runs_of_the_earlier_layouts_are_read(mnist, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change", [dict(precision="bfloat16"), dict(conv_impl="patches"), dict(devices=1), dict(step_impl="fused")])
+@pytest.mark.parametrize("change", [dict(precision="bfloat16"), dict(conv_impl="patches"), dict(devices=1), dict(update_impl="fused")])
 def test_a_resume_may_change_how_the_run_executes(mnist, tmp_path, change):
     data = small(mnist, 40, 100)
     config = Config(epochs=1, hessian_samples=10)
@@ -278,7 +279,7 @@ def test_a_whole_run_compiles_its_chunk_and_its_refresh_once(mnist, tmp_path):
     """Three epochs (a refresh before each, four chunks in each): one program for the
     chunk and one for the refresh. A state placed differently from the data after the
     first chunk or refresh (a sharding drift) would compile each again."""
-    from lenet_jax.steps import compiled_train_chunk, estimate_hessian
+    from lenet_jax.updates import compiled_train_chunk, estimate_hessian
 
     config = Config(epochs=3, train_subset=40, hessian_samples=10, chunks=4, stop_at_chance=False, map_j=19.0)  # a j no other test uses
     chunks, refreshes = compiled_train_chunk._cache_size(), estimate_hessian._cache_size()  # jit's count of compiled programs

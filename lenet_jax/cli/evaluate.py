@@ -56,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epoch", type=epoch_choice, default=argparse.SUPPRESS,  # absent unless given: --step may stand in for it
                         help="which completed epoch of the run of --workdir or --checkpoint: best (lowest validation error, "
                         "else latest), latest, or a number (default: best); refused without a run (the shipped model has no other epoch)")
-    parser.add_argument("--step", type=epoch_choice, dest="step_alias", default=None, metavar="EPOCH",
-                        help="the earlier name of --epoch (it selects an epoch, not an update); it goes in a later version; "
-                        "refused with --epoch, and without a run")
+    parser.add_argument("--step", type=epoch_choice, dest="step_alias", default=None, help=argparse.SUPPRESS)  # --epoch's earlier name, with a note
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--image", type=Path, nargs="+", metavar="PATH",
                       help="predict the digit in these images (or the images in these folders), prepared like MNIST's digits")
@@ -132,11 +130,11 @@ class LoadedModel:
 
 
 def single_run(path: Path | None) -> Path | None:
-    """``path``, refused when it is the folder of a several-seed run (which holds models)."""
+    """``path``, refused when it is the folder of several seeds' runs (one run folder a seed)."""
     folders = {} if path is None else several_seeds(path)
     if folders:
         names = ", ".join(p.name for p in folders.values())
-        raise ConfigError(f"{path} holds a run of several seeds ({names}): give one seed's folder, e.g. {path}/{next(iter(folders.values())).name}")
+        raise ConfigError(f"{path} holds the runs of several seeds ({names}): give one seed's folder, e.g. {path}/{next(iter(folders.values())).name}")
     return path
 
 
@@ -145,8 +143,8 @@ def load_model(path: Path | None, which: str = "best") -> LoadedModel:
     the pretrained model shipped with the package when ``path`` is None; its parameters
     checked finite."""
     from lenet_jax import pretrained
-    from lenet_jax.checkpoint import restore_run
     from lenet_jax.factories import make_model
+    from lenet_jax.runs import restore_run
 
     if path is None:
         params, config, meta = pretrained.load()
@@ -273,7 +271,7 @@ def _draw_figures(loaded: LoadedModel, dataset: Dataset, result: dict[str, Any],
 def evaluation_report(loaded: LoadedModel, data_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], Dataset, dict[str, Any]]:
     """The test-set report of a loaded model (on its dataset, the data options on top),
     the dataset and the raw evaluation."""
-    from lenet_jax.steps import evaluate
+    from lenet_jax.evaluation import evaluate
 
     config = loaded.config.replace(**{k: v for k, v in (data_overrides or {}).items() if v is not None})
     dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=lambda m: print(m, file=sys.stderr))

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from lenet_jax.checkpoint import CHECKPOINTS, METRICS, holds_checkpoints, seed_folders
 from lenet_jax.cli import ArgumentParser, parse
-from lenet_jax.config import PRESETS, Config, field_type, flag, preset, preset_label, settle_options
+from lenet_jax.config import PRESETS, RENAMED, Config, field_type, flag, preset, preset_label, settle_options
 from lenet_jax.errors import ConfigError, command
 from lenet_jax.fileio import claim, new_run_folder
 
@@ -49,10 +49,12 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         kind, _ = field_type(f)
         default = f.default if defaults else argparse.SUPPRESS
         help = f.metadata["help"] + (f" ({', '.join(f.metadata['choices'])})" if "choices" in f.metadata else "")
+        earlier = [flag(old) for old, new in RENAMED.items() if new == f.name]
+        help += "".join(f"; {name} is its earlier name" for name in earlier)
         if kind is bool:
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help)
+            parser.add_argument(flag(f.name), *earlier, action=argparse.BooleanOptionalAction, default=default, help=help)
         else:
-            parser.add_argument(flag(f.name), type=kind, default=default, help=help)
+            parser.add_argument(flag(f.name), *earlier, type=kind, default=default, help=help)
     parser.add_argument("--seeds", type=seed_list, metavar="S,S,...",
                         help="train one model per seed (instead of --seed), all in one compiled program, each into WORKDIR/seed-S; "
                         "ends with the test error of each and their mean and spread. Seeds whose memory, estimated before anything "
@@ -85,7 +87,17 @@ def parse_command_line(argv: list[str] | None) -> tuple[argparse.Namespace, dict
 
 def main(argv: list[str] | None = None) -> int:
     parsed = parse_command_line(argv)
-    return parsed if isinstance(parsed, int) else run(*parsed)
+    if isinstance(parsed, int):
+        return parsed
+    note_earlier_names(sys.argv[1:] if argv is None else argv)
+    return run(*parsed)
+
+
+def note_earlier_names(argv: list[str]) -> None:
+    """A note for each option given by its earlier name, saying what it is called now."""
+    for old, new in RENAMED.items():
+        if any(a == flag(old) or a.startswith(flag(old) + "=") for a in argv):
+            note_on_stderr(f"note: {flag(old)} is now {flag(new)} (the same option); the earlier name goes in a later version")
 
 
 def note_on_stderr(message: str) -> None:
@@ -98,7 +110,7 @@ def resolve_config(args: argparse.Namespace, overrides: dict[str, Any], preset_g
     config) with the options given on top, made coherent (``config.settle_options``: what
     of the preset's was dropped goes to ``note``, once the config is known to be good)
     and checked."""
-    from lenet_jax.checkpoint import saved_config
+    from lenet_jax.runs import saved_config
 
     if args.resume:
         if args.workdir is None:

@@ -17,14 +17,14 @@ from lenet_jax.config import Config
 from lenet_jax.errors import ConfigError
 from lenet_jax.factories import create_states
 from lenet_jax.inputs import pad_images
-from lenet_jax.steps import Strategy, epoch_batches, replicated_train_chunk, train_chunk, update_key
 from lenet_jax.training import fit, fit_seeds, training_positions
+from lenet_jax.updates import Strategy, epoch_batches, seeds_train_chunk, train_chunk, update_key
 
 from conftest import QUIET, small
 
 
 @pytest.mark.slow
-def test_the_replicated_chunk_computes_each_models_own_updates(mnist):
+def test_the_several_seed_chunk_computes_each_seeds_own_updates(mnist):
     """60 batch-1 SDLM updates with dropout, each model with its own weights, data order
     and randomness: the same parameters as each model's own chunk, to float32 rounding
     (the batched products add in another order; measured: 8e-6 relative at most for these
@@ -37,7 +37,7 @@ def test_the_replicated_chunk_computes_each_models_own_updates(mnist):
     states = [one.refresh(state, images, labels, [c], [None], 1) for state, c in zip(create_states(config, 60, [0, 1]), configs)]
     batches = jnp.stack([epoch_batches(s, 1, 60, 1)[:60] for s in (0, 1)])
     keys = jnp.stack([update_key(s) for s in (0, 1)])
-    together, m = replicated_train_chunk(two.stack(states), images, labels, batches, keys, objective=config.objective)
+    together, m = seeds_train_chunk(two.stack(states), images, labels, batches, keys, objective=config.objective)
     for r, state in enumerate(states):
         alone, m_alone = train_chunk(state, images, labels, batches[r], keys[r], objective=config.objective)
         chex.assert_trees_all_close(two.unstack(together, r).params, alone.params, rtol=1e-4, atol=1e-6)
@@ -125,7 +125,7 @@ def test_seeds_are_refused_where_they_cannot_work(mnist, tmp_path, capsys):
     assert "give distinct whole numbers" in capsys.readouterr().err
     assert train_main(["--seeds", "0,1", "--seed", "3", "--workdir", str(tmp_path / "x")]) == 2
     assert "either --seed or --seeds" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="the fused kernel trains one model at a time"):
-        fit_seeds(Config(step_impl="fused"), [0, 1], small(mnist, 50, 10), tmp_path / "y", **QUIET)
+    with pytest.raises(ConfigError, match="the fused kernel trains one seed at a time"):
+        fit_seeds(Config(update_impl="fused"), [0, 1], small(mnist, 50, 10), tmp_path / "y", **QUIET)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     jax.clear_caches()

@@ -1,12 +1,12 @@
-"""The compiled steps: pure functions of the state and the data, which lives on the device.
+"""The compiled updates: pure functions of the state and the data, which lives on the device.
 
-An epoch is a few calls of ``train_chunk``, a jitted ``lax.scan`` of ``train_step`` over
+An epoch is a few calls of ``train_chunk``, a jitted ``lax.scan`` of ``train_update`` over
 index batches into the device-resident dataset, so nothing runs in Python per update:
 batch size 1 (the paper's pure stochastic updates) costs what its arithmetic costs.
 
-A ``Strategy`` says how the chunks of updates and the curvature refreshes of R models
-trained together are computed: one model runs the compiled chunk as it is (the XLA scan,
-or the fused Pallas kernel), several run its ``jax.vmap`` over a leading model axis.
+A ``Strategy`` says how the chunks of updates and the curvature refreshes of the seeds
+trained together are computed: one seed runs the compiled chunk as it is (the XLA scan,
+or the fused Pallas kernel), several run its ``jax.vmap`` over a leading seed axis.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lenet_jax import hessian
 from lenet_jax.config import Config
 from lenet_jax.distort import Distortion, distort_batch
 from lenet_jax.errors import ConfigError
-from lenet_jax.factories import make_model, make_schedule, step_impl_for
+from lenet_jax.factories import make_model, make_schedule, update_impl_for
 from lenet_jax.finite import all_finite
 from lenet_jax.inputs import preprocess
 from lenet_jax.losses import Objective
@@ -35,7 +35,7 @@ from lenet_jax.sdlm import set_hessian
 
 Metrics = dict[str, jax.Array]
 
-PURPOSE_ORDER, PURPOSE_CURVATURE, PURPOSE_STEPS = 0, 1, 2
+PURPOSE_ORDER, PURPOSE_CURVATURE, PURPOSE_UPDATES = 0, 1, 2
 """What each stream of randomness derived from a run's seed is for."""
 
 
@@ -47,7 +47,7 @@ def epoch_key(seed: int, epoch: int, purpose: int) -> jax.Array:
 def update_key(seed: int) -> jax.Array:
     """The key every update's own randomness (dropout, distortions) is folded from, with
     the update count."""
-    return jax.random.fold_in(jax.random.key(seed), PURPOSE_STEPS)
+    return jax.random.fold_in(jax.random.key(seed), PURPOSE_UPDATES)
 
 
 def epoch_batches(seed: int, epoch: int, n: int, batch_size: int, shuffle: bool = True) -> jax.Array:
@@ -72,7 +72,7 @@ def loss_fn(
     return jnp.mean(objective.per_sample(scores, y)), errors
 
 
-def train_step(
+def train_update(
     state: TrainState, x: jax.Array, y: jax.Array, objective: Objective, key: jax.Array | None = None
 ) -> tuple[TrainState, Metrics]:
     """One update on a preprocessed batch; ``key`` drives dropout."""
@@ -95,7 +95,7 @@ def train_chunk(
     mesh: Mesh | None = None,
     augment: Distortion | None = None,
 ) -> tuple[TrainState, Metrics]:
-    """Scan ``train_step`` over rows of ``batches`` (indices into the uint8 ``images``:
+    """Scan ``train_update`` over rows of ``batches`` (indices into the uint8 ``images``:
     28x28, or faster padded once by ``pad_images``), each batch split over ``mesh`` when
     one is given (data parallelism). Returns the state and the summed loss, the error
     count and whether every loss and the final parameters are finite.
@@ -114,7 +114,7 @@ def train_chunk(
             update_key, distort_key = jax.random.split(update_key)
             x = distort_batch(distort_key, x, augment)
         x, y = split_batch(x, mesh), split_batch(labels[idx], mesh)
-        state, m = train_step(state, x, y, objective, update_key)
+        state, m = train_update(state, x, y, objective, update_key)
         totals = {"loss": totals["loss"] + m["loss"], "errors": totals["errors"] + m["errors"], "finite": totals["finite"] & m["finite"]}
         return (state, totals), None
 
@@ -127,62 +127,17 @@ compiled_train_chunk = jax.jit(train_chunk, static_argnames=CHUNK_STATIC, donate
 """``train_chunk`` compiled; the state's buffers are donated (updated in place)."""
 
 
-def _replicated_chunk(state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array, key: jax.Array, **static: Any
+def _seeds_chunk(state: TrainState, images: jax.Array, labels: jax.Array, batches: jax.Array, key: jax.Array, **static: Any
                       ) -> tuple[TrainState, Metrics]:
     return jax.vmap(lambda s, b, k: train_chunk(s, images, labels, b, k, **static))(state, batches, key)
 
 
-replicated_train_chunk = jax.jit(_replicated_chunk, static_argnames=CHUNK_STATIC, donate_argnames=("state",))
-"""``train_chunk`` for R models at once: the leaves of ``state``, ``batches`` and
-``key`` carry a leading model axis; the data is shared."""
+seeds_train_chunk = jax.jit(_seeds_chunk, static_argnames=CHUNK_STATIC, donate_argnames=("state",))
+"""``train_chunk`` for several seeds at once: the leaves of ``state``, ``batches`` and
+``key`` carry a leading seed axis; the data is shared."""
 
 Chunk = Callable[[TrainState, jax.Array, jax.Array, jax.Array, jax.Array], tuple[TrainState, Metrics]]
 """(state, images, labels, batches, key) -> (state, metrics): a chunk of updates."""
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "objective", "batch_size"))
-def evaluate_arrays(
-    params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array, objective: Objective, batch_size: int = 1000
-) -> dict[str, jax.Array]:
-    """Summed loss, error count and predictions over uint8 ``images`` (28x28, or padded
-    32x32), in batches."""
-    n = images.shape[0]
-    nb = -(-n // batch_size)
-    pad = nb * batch_size - n
-    imgs = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)).reshape((nb, batch_size) + images.shape[1:])
-    labs = jnp.pad(labels, (0, pad)).reshape(nb, batch_size)
-
-    def one(args):
-        x, y = args
-        scores = apply_fn({"params": params}, preprocess(x))
-        return objective.per_sample(scores, y), objective.predict(scores)
-
-    losses, preds = jax.lax.map(one, (imgs, labs))
-    losses, preds = losses.reshape(-1)[:n], preds.reshape(-1)[:n]
-    return {"loss": jnp.sum(losses), "errors": jnp.sum(preds != labels), "predictions": preds}
-
-
-def evaluate(params: Any, apply_fn: Callable, images: Any, labels: Any, objective: Objective, batch_size: int = 1000) -> dict[str, Any]:
-    """Mean loss, error rate, error count, predictions and confusion matrix (rows: true)."""
-    out = evaluate_arrays(params, apply_fn, jnp.asarray(images), jnp.asarray(labels), objective, min(batch_size, len(labels)))
-    return summarize_evaluation(out, labels)
-
-
-def summarize_evaluation(out: dict[str, Any], labels: Any) -> dict[str, Any]:
-    """The host-side report of ``evaluate_arrays``' output."""
-    preds = np.asarray(out["predictions"])
-    labels = np.asarray(labels)
-    confusion = np.zeros((10, 10), np.int64)
-    np.add.at(confusion, (labels, preds), 1)
-    n = len(labels)
-    return {
-        "loss": float(out["loss"]) / n,
-        "error": int(out["errors"]) / n,
-        "errors": int(out["errors"]),
-        "n": n,
-        "predictions": preds,
-        "confusion": confusion,
-    }
 
 
 def _estimate(
@@ -198,10 +153,10 @@ estimate_hessian = jax.jit(_estimate, static_argnames=ESTIMATE_STATIC)
 """A compiled Hessian-diagonal estimate over the uint8 ``images[pick]`` (see
 ``lenet_jax.hessian``); ``key`` drives the estimator's own randomness."""
 
-replicated_estimate = jax.jit(
+seeds_estimate = jax.jit(
     lambda params, images, labels, pick, key, **static: jax.vmap(lambda p, i, k: _estimate(p, images, labels, i, k, **static))(params, pick, key),
     static_argnames=ESTIMATE_STATIC)
-"""``estimate_hessian`` for R models at once, each over its own sample of patterns."""
+"""``estimate_hessian`` for several seeds at once, each over its own sample of patterns."""
 
 
 def curvature_model(config: Config) -> LeNet5:
@@ -220,38 +175,36 @@ def curvature_sample(config: Config, epoch: int, n: int) -> tuple[jax.Array, jax
     return pick, jax.random.fold_in(key, 1)
 
 
-# --------------------------------------------------------------------------- several models at once
+# --------------------------------------------------------------------------- several seeds at once
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """How the updates and curvature refreshes of ``replicas`` models trained together are
-    computed. One model (R = 1) runs the compiled chunk as it is, the XLA scan or the
-    fused kernel; several (R > 1) run the ``vmap``ped XLA chunk, their states, batches
-    and keys stacked along a leading model axis, the data shared.
+    """How the updates and curvature refreshes of ``n_seeds`` seeds trained together are
+    computed. One seed runs the compiled chunk as it is, the XLA scan or the fused
+    kernel; several run the ``vmap``ped XLA chunk, their states, batches and keys stacked
+    along a leading seed axis, the data shared.
 
-    ``stack`` and ``unstack`` move between the models' own values and what the compiled
-    programs take: R = 1 leaves a value as it is (no model axis), so one model runs the
+    ``stack`` and ``unstack`` move between the seeds' own values and what the compiled
+    programs take: one seed leaves a value as it is (no seed axis), so it runs the
     compiled chunk on its own state."""
 
-    replicas: int
+    n_seeds: int
     chunk: Chunk = field(repr=False)
     estimate: Callable[..., Any] = field(repr=False)
-    impl: str = "xla"
 
     @classmethod
-    def build(cls, config: Config, replicas: int, updates_per_epoch: int, mesh: Mesh | None = None) -> "Strategy":
-        """The strategy for ``replicas`` models of ``config`` (``factories.step_impl_for``
-        picks the implementation; the fused kernel trains one model at a time)."""
-        impl = step_impl_for(config)
+    def build(cls, config: Config, n_seeds: int, updates_per_epoch: int, mesh: Mesh | None = None) -> "Strategy":
+        """The strategy for ``n_seeds`` seeds of ``config`` (``factories.update_impl_for``
+        picks the implementation; the fused kernel trains one seed at a time)."""
+        impl = update_impl_for(config)
         estimator = dict(estimator=config.hessian_estimator, model=curvature_model(config), objective=config.objective,
                          probes=config.hutchinson_probes)
         static = dict(objective=config.objective, augment=config.distortion)
-        if replicas > 1:
+        if n_seeds > 1:
             if impl != "xla":
-                raise ConfigError("several seeds at once run the xla step: the fused kernel trains one model at a time (--step-impl xla)")
-            return cls(replicas, functools.partial(replicated_train_chunk, **static),
-                       functools.partial(replicated_estimate, **estimator), impl)
+                raise ConfigError("several seeds at once run the xla update: the fused kernel trains one seed at a time (--update-impl xla)")
+            return cls(n_seeds, functools.partial(seeds_train_chunk, **static), functools.partial(seeds_estimate, **estimator))
         if impl == "fused":
             from lenet_jax.fused import fused_train_chunk
 
@@ -259,28 +212,28 @@ class Strategy:
                                       interpret=jax.default_backend() == "cpu")
         else:
             chunk = functools.partial(compiled_train_chunk, mesh=mesh, **static)
-        return cls(1, chunk, functools.partial(estimate_hessian, **estimator), impl)
+        return cls(1, chunk, functools.partial(estimate_hessian, **estimator))
 
     def stack(self, values: list[Any]) -> Any:
-        """The models' own values (states, batches, keys) as the compiled programs take them."""
-        if len(values) != self.replicas:
-            raise ValueError(f"expected {self.replicas} values, got {len(values)}")
-        return values[0] if self.replicas == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *values)
+        """The seeds' own values (states, batches, keys) as the compiled programs take them."""
+        if len(values) != self.n_seeds:
+            raise ValueError(f"expected {self.n_seeds} values, got {len(values)}")
+        return values[0] if self.n_seeds == 1 else jax.tree.map(lambda *xs: jnp.stack(xs), *values)
 
     def unstack(self, value: Any, r: int) -> Any:
-        """Model ``r``'s own part of a stacked value."""
-        return value if self.replicas == 1 else jax.tree.map(lambda x: x[r], value)
+        """Seed ``r``'s own part of a stacked value."""
+        return value if self.n_seeds == 1 else jax.tree.map(lambda x: x[r], value)
 
-    def per_model(self, metric: Any) -> np.ndarray:
-        """A metric of the compiled chunk as one host value per model."""
-        return np.asarray(metric).reshape(self.replicas)
+    def per_seed(self, metric: Any) -> np.ndarray:
+        """A metric of the compiled chunk as one host value per seed."""
+        return np.asarray(metric).reshape(self.n_seeds)
 
     def refresh(self, state: TrainState, images: jax.Array, labels: jax.Array, configs: list[Config],
                 train_index: list[jax.Array | None], epoch: int) -> TrainState:
-        """Each model's curvature estimate before ``epoch``, over its own sample of its own
+        """Each seed's curvature estimate before ``epoch``, over its own sample of its own
         training patterns (``curvature_sample``: drawn or the first ones, as its
         ``--hessian-sample`` says; positions mapped through ``train_index`` when it has
-        one), put into its optimiser state, which holds it for the epoch (appendix C)."""
+        one), put into its optimiser state, which holds it until the next refresh (appendix C)."""
         picks, keys = [], []
         for config, index in zip(configs, train_index):
             n = labels.shape[0] if index is None else index.shape[0]
