@@ -10,7 +10,7 @@ squashed outputs (higher is better).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -220,15 +220,47 @@ def layer_table(params: Params, c3_table: tuple[tuple[int, ...], ...] | None = C
 def count_parameters(params: Params, c3_table: tuple[tuple[int, ...], ...] | None = C3_TABLE) -> int:
     """Trainable parameters, not counting C3 kernel entries that ``c3_table`` disconnects
     (pass None for a dense C3)."""
-    total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = [getattr(k, "key", None) for k in path]
-        if c3_table is not None and "C3" in keys and keys[-1] in ("kernel", "pointwise"):
-            mask = MaskedConv(features=16, table=c3_table).mask(leaf.shape[-2])
-            total += int(mask.sum()) * int(np.prod(leaf.shape[:-2]))
-        else:
-            total += int(np.prod(leaf.shape))
-    return total
+    return sum(_connected(path, leaf, c3_table) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
+def _connected(path: tuple[Any, ...], leaf: Any, c3_table: tuple[tuple[int, ...], ...] | None) -> int:
+    """The entries of one parameter array that are parameters: all of them, but for a C3
+    kernel only those ``c3_table`` connects."""
+    keys = [getattr(k, "key", None) for k in path]
+    if c3_table is not None and "C3" in keys and keys[-1] in ("kernel", "pointwise"):
+        mask = MaskedConv(features=16, table=c3_table).mask(leaf.shape[-2])
+        return int(mask.sum()) * int(np.prod(leaf.shape[:-2]))
+    return int(np.prod(leaf.shape))
+
+
+COUNTING_RULE = ("multiply-adds are the paper's connections: one per weight and per bias (an input fixed at 1) "
+                 "a unit uses; C3 only over the 60 map pairs of its table; S2, S4: 4 inputs x the coefficient + the bias; "
+                 "RBF: 84 squared differences a class; squashing not counted")
+"""How ``recognition_cost`` counts, in one line (eval.py --summary prints it)."""
+
+
+class Cost(NamedTuple):
+    """The cost of one recognition, the paper's Figs. 11 and 12 (section III-C):
+    ``multiply_adds`` (the paper's connections, ``COUNTING_RULE``), the trainable
+    ``parameters``, their memory ``parameter_bytes``, and ``held_bytes``, the memory of
+    the parameter arrays as the model holds them (the C3 kernel whole, its disconnected
+    entries held at zero). The RBF centres are constants and counted in neither."""
+
+    multiply_adds: int
+    parameters: int
+    parameter_bytes: int
+    held_bytes: int
+
+
+def recognition_cost(params: Params, c3_table: tuple[tuple[int, ...], ...] | None = C3_TABLE) -> Cost:
+    """The ``Cost`` of one recognition by the model of ``params`` (arrays or shapes)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return Cost(
+        multiply_adds=sum(r["connections"] for r in layer_table(params, c3_table)),
+        parameters=count_parameters(params, c3_table),
+        parameter_bytes=sum(_connected(path, leaf, c3_table) * np.dtype(leaf.dtype).itemsize for path, leaf in leaves),
+        held_bytes=sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for _, leaf in leaves),
+    )
 
 
 def init_params(model: LeNet5, key: jax.Array) -> Params:

@@ -117,3 +117,25 @@ def feature_maps(image: Any, activations: Sequence[Any], path: Path | str) -> Pa
         ax.set_title(title, fontsize=7)
         ax.axis("off")
     return _save(fig, path)
+
+
+def rejection_curve(shares: Any, errors: Any, path: Path | str, target: float = 0.005, reached: float | None = None, title: str = "") -> Path:
+    """Error on the patterns kept against the share rejected, the least confident first
+    (the paper's Fig. 10 measure): the target error dashed, the share that reaches it marked."""
+    import numpy as np
+
+    plt = _pyplot()
+    x, y = 100 * np.asarray(shares, float), 100 * np.asarray(errors, float)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.plot(x, y, "-", color="C0", label="error on the patterns kept")
+    ax.axhline(100 * target, ls="--", color="C3", lw=1.5, label=f"target: {target:.1%} error")
+    if reached is not None:
+        ax.plot([100 * reached], [np.interp(100 * reached, x, y)], "o", color="C3", ms=5, label=f"{reached:.2%} rejected reaches it")
+    ax.set_xlim(0, min(100.0, max(1.0, 2.5 * 100 * (reached or 0))))
+    ax.set_ylim(0, 1.15 * max(float(y[0]), 100 * target))
+    ax.set_xlabel("patterns rejected, least confident first (%)")
+    ax.set_ylabel("error on the patterns kept (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title or "rejection: error against the share rejected")
+    return _save(fig, path)

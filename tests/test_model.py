@@ -23,6 +23,8 @@ from lenet_jax.layers import (
 )
 from lenet_jax.model import STAGES, LeNet5, count_parameters, init_params, layer_table
 
+from conftest import compiled_init
+
 SPEC = {  # layer: (output shape, parameters, connections), from the paper
     "C1": ((28, 28, 6), 156, 122_304),
     "S2": ((14, 14, 6), 12, 5_880),
@@ -64,7 +66,7 @@ def test_rbf_centres_are_constants_outside_the_parameter_tree(rbf_model):
 @pytest.mark.slow
 def test_softmax_head_adds_a_trainable_output_layer():
     model = LeNet5(head="softmax")
-    params = init_params(model, jax.random.key(0))
+    params = compiled_init(model, jax.random.key(0))
     assert count_parameters(params) == 60_000 + 84 * 10 + 10
     chex.assert_shape(model.apply({"params": params}, jnp.zeros((2, 32, 32, 1))), (2, 10))
 
@@ -128,7 +130,7 @@ def test_masked_kernel_entries_start_at_zero_and_get_zero_gradient(rbf_model, di
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_initialisation_is_uniform_in_2_4_over_fan_in(seed):
-    params = init_params(LeNet5(), jax.random.key(seed))
+    params = compiled_init(LeNet5(), jax.random.key(seed))
     fan_ins = {"C1": 25, "S2": 4, "C5": 400, "F6": 120}
     for name, fan_in in fan_ins.items():
         values = np.abs(np.concatenate([np.ravel(leaf) for leaf in params[name].values()]))
@@ -143,7 +145,7 @@ def test_initialisation_is_uniform_in_2_4_over_fan_in(seed):
 
 
 def test_init_exponent_one_half_scales_by_square_root_of_fan_in():
-    params = init_params(LeNet5(initialization=Init(exponent=0.5)), jax.random.key(0))
+    params = compiled_init(LeNet5(initialization=Init(exponent=0.5)), jax.random.key(0))
     assert float(jnp.max(jnp.abs(params["C5"]["kernel"]))) <= 2.4 / 20
     assert float(jnp.max(jnp.abs(params["C5"]["kernel"]))) > 0.9 * 2.4 / 20
 
@@ -185,7 +187,7 @@ def test_an_unknown_convolution_path_is_refused():
 def test_every_convolution_path_gives_the_same_network_and_gradients(impl, digits):
     x, y = digits
     a, b = LeNet5(conv_impl=impl), LeNet5(conv_impl="xla")
-    params = init_params(a, jax.random.key(3))
+    params = compiled_init(a, jax.random.key(3))
     chex.assert_trees_all_close(jax.jit(a.apply)({"params": params}, x), jax.jit(b.apply)({"params": params}, x), rtol=1e-4, atol=1e-4)
 
     def loss(model):

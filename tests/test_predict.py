@@ -20,10 +20,9 @@ from lenet_jax.config import Config
 from lenet_jax.errors import DataError
 from lenet_jax.evaluation import evaluate
 from lenet_jax.factories import make_model
-from lenet_jax.model import init_params
 from lenet_jax.predict import ImageError, image_paths, mnist_recipe, predict_digits, predict_images, read_picture
 
-from conftest import numpy_rbf_penalties, run_script
+from conftest import compiled_init, numpy_rbf_penalties, run_script
 
 
 def eval_py(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
@@ -214,7 +213,7 @@ def test_eval_writes_every_figure(tmp_path, capsys):
     assert code == 0, err
     report = json.loads(out)
     figures = {Path(f).name: pixels(f) for f in report["figures"]}
-    assert sorted(figures) == ["confusion.png", "error_curves.png", "feature_maps.png", "misclassified.png", "rbf_bitmaps.png"]
+    assert sorted(figures) == ["confusion.png", "error_curves.png", "feature_maps.png", "misclassified.png", "rbf_bitmaps.png", "rejection.png"]
     assert near(figures["error_curves.png"], (31, 119, 180)) > 300  # the shipped run's curves
     empty = dark(pixels(plots.misclassified(np.zeros((1, 28, 28), np.uint8), [0], [0], tmp_path / "none.png")))
     assert dark(figures["misclassified.png"]) > empty + 91 * 40  # the shipped model's 91 wrong digits, each with ink
@@ -225,7 +224,7 @@ def test_eval_writes_every_figure(tmp_path, capsys):
 def test_softmax_models_report_probabilities(mnist):
     config = Config(head="softmax", loss="xent")
     model = make_model(config)
-    params = init_params(model, jax.random.key(0))
+    params = compiled_init(model, jax.random.key(0))
     classes, probs, margins, kind = predict_digits(params, model.apply, config.objective, mnist.test_images[:5])
     assert kind == "probabilities"
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)

@@ -41,11 +41,11 @@ def data(mnist):
 
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
-    config = Config(epochs=3, hessian_samples=40, chunks=4)
+    config = Config(epochs=2, hessian_samples=40, chunks=4)
     return config, fit(config, data, tmp_path_factory.mktemp("straight"), **QUIET)
 
 
-@pytest.mark.parametrize("calls", [2, pytest.param(4, marks=pytest.mark.slow), pytest.param(9, marks=pytest.mark.slow)])  # mid-epoch 1, end of 1, mid-3
+@pytest.mark.parametrize("calls", [2, pytest.param(4, marks=pytest.mark.slow), pytest.param(7, marks=pytest.mark.slow)])  # mid-epoch 1, end of 1, mid-2
 def test_stopped_anywhere_and_resumed_is_bit_identical(data, straight, tmp_path, calls):
     config, reference = straight
     stopped = fit(config, data, tmp_path, stop=stop_after(calls), **QUIET)
@@ -60,7 +60,7 @@ def test_stopped_anywhere_and_resumed_is_bit_identical(data, straight, tmp_path,
     chex.assert_trees_all_equal(reference.state.params, resumed.state.params)
     chex.assert_trees_all_equal(reference.state.opt_state, resumed.state.opt_state)  # Hessian, step count, schedule
     assert resumed.history == [{**r, "seconds": s["seconds"]} for r, s in zip(reference.history, resumed.history)]
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [240, 480, 720]  # the mid-pass step went
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [240, 480]  # the mid-pass checkpoint went
 
 
 @pytest.mark.slow

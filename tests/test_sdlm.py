@@ -19,10 +19,10 @@ from lenet_jax.config import Config
 from lenet_jax.factories import make_optimizer
 from lenet_jax.layers import AMPLITUDE, C3_TABLE, SLOPE, FullConnection, ScaledTanh, connection_mask
 from lenet_jax.losses import Objective, softmax_cross_entropy
-from lenet_jax.model import LeNet5, init_params
+from lenet_jax.model import LeNet5
 from lenet_jax.sdlm import PAPER_ETAS, PAPER_MU, get_hessian, paper_schedule, scale_by_inverse_curvature, sdlm, set_hessian
 
-from conftest import gauss_newton_diagonal, hutchinson_diagonal, paper_diagonal
+from conftest import compiled_init, gauss_newton_diagonal, hutchinson_diagonal, paper_diagonal
 
 # --------------------------------------------------------------------------- the optimiser
 
@@ -229,7 +229,7 @@ def dense_gauss_newton_diagonal(model, objective, params, x, y):
 @pytest.mark.parametrize("head,loss", [("rbf", "map"), ("softmax", "xent")])
 def test_gauss_newton_estimator_equals_the_dense_diagonal(head, loss, digits):
     model = LeNet5(head=head)
-    params = init_params(model, jax.random.key(1))
+    params = compiled_init(model, jax.random.key(1))
     objective = Objective(head, loss, 3.0)
     x, y = digits[0][:1], digits[1][:1]
     got = gauss_newton_diagonal(model, objective, params, x, y)
@@ -348,7 +348,7 @@ def test_paper_estimator_equals_a_numpy_evaluation_of_the_recursion(rbf_model, d
 @pytest.mark.parametrize("subsampling", ["max", pytest.param("average", marks=pytest.mark.slow)])
 def test_paper_estimator_with_a_fixed_subsampling_follows_the_recursion(subsampling, digits):
     model = LeNet5(subsampling=subsampling)
-    params = init_params(model, jax.random.key(3))
+    params = compiled_init(model, jax.random.key(3))
     objective = Objective(j=3.0)
     x, y = digits[0][1:2], digits[1][1:2]
     got = paper_diagonal(model, objective, params, x, y)

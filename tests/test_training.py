@@ -205,6 +205,7 @@ def test_a_diverging_run_stops_naming_where_and_keeps_the_last_good_checkpoint(m
     assert record["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_the_compiled_chunk_is_traced_once_for_a_whole_run(mnist, tmp_path, monkeypatch):
     """The project's own loop: the chunks of a pass, and the next pass after a curvature
     refresh, all reuse one compiled program. A change that made the state's structure or

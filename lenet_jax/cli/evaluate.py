@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--image", type=Path, nargs="+", metavar="PATH",
                       help="predict the digit in these images (or the images in these folders), prepared like MNIST's digits")
-    what.add_argument("--summary", action="store_true", help="print the layer table (output shapes, parameters, connections)")
+    what.add_argument("--summary", action="store_true", help="print the layer table (output shapes, parameters, connections) "
+                      "and the cost of one recognition (multiply-adds, parameter memory)")
     what.add_argument("--figures", type=Path, metavar="DIR", help="evaluate and write the PNG figures into DIR")
     what.add_argument("--serve", action="store_true",
                       help="serve a web page to draw digits on and watch every layer read them (needs the demo extra)")
@@ -165,8 +166,36 @@ def format_report(report: dict[str, Any]) -> str:
         "      " + "".join(f"{d:>6d}" for d in range(10)),
     ]
     lines += [f"{d:>6d}" + "".join(f"{v:>6d}" for v in row) for d, row in enumerate(report["confusion"])]
+    if "rejection" in report:
+        lines.append(format_rejection(report["rejection"]))
     lines += [f"figure: {f}" for f in report.get("figures", [])]
     return "\n".join(lines)
+
+
+def format_rejection(r: dict[str, Any]) -> str:
+    """One line: the share of test patterns rejected, least confident first, to reach the
+    target error on the rest (the paper's Fig. 10 measure)."""
+    return (f"rejection for {r['target_error']:.1%} error: {r['rejected_share']:.2%} of the test patterns "
+            f"({r['rejected']:,} of {r['n']:,}, smallest margin first) leave {r['error_on_kept']:.2%} error on the rest")
+
+
+PAPER_COST = {"multiply_adds": 340_000, "parameters": 60_000, "parameter_bytes": None}
+"""The paper's cost of LeNet-5 as the project's statement of the paper gives it: about 340,000
+connections (multiply-adds) per recognition and about 60,000 parameters; it gives no memory in bytes."""
+
+
+def format_cost(cost: dict[str, Any]) -> str:
+    """The cost of one recognition beside the paper's (Figs. 11 and 12) and how it is counted."""
+    from lenet_jax.model import COUNTING_RULE
+
+    return "\n".join([
+        f"multiply-adds per recognition: {cost['multiply_adds']:,} (paper: about {PAPER_COST['multiply_adds']:,})",
+        f"parameter memory: {cost['parameter_bytes']:,} bytes, {cost['parameters']:,} float32 parameters (paper: about "
+        f"{PAPER_COST['parameters']:,} parameters, no figure in bytes)"
+        + (f"; {cost['held_bytes']:,} bytes as held (C3's kernel whole, its disconnected entries at zero)"
+           if cost["held_bytes"] != cost["parameter_bytes"] else ""),
+        f"counted: {COUNTING_RULE}",
+    ])
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:
@@ -206,13 +235,18 @@ def run_summary(path: Path | None, which: str = "best", as_json: bool = False) -
 
     from lenet_jax import pretrained
     from lenet_jax.factories import make_model
-    from lenet_jax.model import init_params, layer_table
+    from lenet_jax.model import COUNTING_RULE, init_params, layer_table, recognition_cost
 
     config = pretrained.load()[1] if path is None else load_model(single_run(path), which).config
     model = make_model(config)
     shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))  # the table needs shapes, not values
     rows = layer_table(shapes, model.c3_table)
-    print(json.dumps([dict(r, output=list(r["output"])) for r in rows]) if as_json else format_summary(rows))
+    cost = recognition_cost(shapes, model.c3_table)._asdict()
+    if as_json:
+        print(json.dumps({"layers": [dict(r, output=list(r["output"])) for r in rows],
+                          "cost": dict(cost, counting=COUNTING_RULE, paper_about=PAPER_COST)}))
+    else:
+        print(format_cost(cost) + "\n" + format_summary(rows))  # the table last: its total is the last line
     return 0
 
 
@@ -262,6 +296,9 @@ def _draw_figures(loaded: LoadedModel, dataset: Dataset, result: dict[str, Any],
     written.append(plots.misclassified(dataset.test_images, dataset.test_labels, result["predictions"], folder / "misclassified.png"))
     if loaded.config.head == "rbf":
         written.append(plots.rbf_bitmaps(folder / "rbf_bitmaps.png"))
+    rejection = result["rejection"]
+    written.append(plots.rejection_curve(rejection.curve.share, rejection.curve.error, folder / "rejection.png",
+                                         rejection.target, rejection.share))
     digit = dataset.test_images[0]
     acts = loaded.apply_fn({"params": loaded.params}, preprocess(jnp.asarray(digit[None])), method="activations")
     written.append(plots.feature_maps(digit, [a[0] for a in jax.device_get(acts)], folder / "feature_maps.png"))
@@ -270,12 +307,15 @@ def _draw_figures(loaded: LoadedModel, dataset: Dataset, result: dict[str, Any],
 
 def evaluation_report(loaded: LoadedModel, data_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], Dataset, dict[str, Any]]:
     """The test-set report of a loaded model (on its dataset, the data options on top),
-    the dataset and the raw evaluation."""
+    the dataset and the raw evaluation (with its ``rejection.Rejection`` under "rejection")."""
     from lenet_jax.evaluation import evaluate
+    from lenet_jax.rejection import MARGINS, TARGET_ERROR, model_rejection
 
     config = loaded.config.replace(**{k: v for k, v in (data_overrides or {}).items() if v is not None})
     dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=lambda m: print(m, file=sys.stderr))
     r = evaluate(loaded.params, loaded.apply_fn, dataset.test_images, dataset.test_labels, config.objective, config.eval_batch_size)
+    r["rejection"] = model_rejection(loaded.params, loaded.apply_fn, config.head, dataset.test_images, dataset.test_labels,
+                                     TARGET_ERROR, config.eval_batch_size)
     confusion = r["confusion"]
     per_class = 1.0 - np.diag(confusion) / np.maximum(confusion.sum(1), 1)
     report = {
@@ -289,6 +329,7 @@ def evaluation_report(loaded: LoadedModel, data_overrides: dict[str, Any] | None
         "n_test": r["n"],
         "per_class_error": [float(e) for e in per_class],
         "confusion": confusion.tolist(),
+        "rejection": dict(r["rejection"].to_dict(), margin_between=MARGINS[config.head]),
     }
     return report, dataset, r
 
