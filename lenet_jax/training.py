@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lenet_jax import checkpoint as ckpt
-from lenet_jax import runs
+from lenet_jax import cores, runs
 from lenet_jax.checkpoint import CHECKPOINTS, SEED_FOLDER, Position
 from lenet_jax.config import Config
 from lenet_jax.data import Dataset, validation_split
@@ -436,23 +436,25 @@ def _train_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state
     bs, r = config.batch_size, len(seed_runs)
     bar = tqdm(total=updates * bs * r, initial=first * bs * r, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not ctl.progress, leave=False)
     done = first
-    try:
-        for c in range(first, updates, exp.chunk_len):
-            chunk = s.stack([b[c : c + exp.chunk_len] for b in batches])
-            state, m = s.chunk(state, exp.images, exp.labels, chunk, keys)
-            m = wait(m)
-            done = min(c + exp.chunk_len, updates)
-            finite = s.per_seed(m["finite"])
-            if not finite.all():
-                raise Diverged(_divergence(seed_runs, finite, epoch, c, done, updates))
-            losses, errors = s.per_seed(m["loss"]), s.per_seed(m["errors"])
-            totals = [{"loss": t["loss"] + float(losses[i]), "errors": t["errors"] + int(errors[i]), "seconds": t["seconds"]}
-                      for i, t in enumerate(totals)]
-            bar.update((done - c) * bs * r)
-            if done < updates and ctl.stop():
-                break
-    finally:
-        bar.close()
+    core = cores.batch1_core(jax.default_backend(), bs, r)  # at batch 1 one core is faster than all (lenet_jax.cores)
+    with cores.pinned(core):
+        try:
+            for c in range(first, updates, exp.chunk_len):
+                chunk = s.stack([b[c : c + exp.chunk_len] for b in batches])
+                state, m = s.chunk(state, exp.images, exp.labels, chunk, keys)
+                m = wait(m)
+                done = min(c + exp.chunk_len, updates)
+                finite = s.per_seed(m["finite"])
+                if not finite.all():
+                    raise Diverged(_divergence(seed_runs, finite, epoch, c, done, updates))
+                losses, errors = s.per_seed(m["loss"]), s.per_seed(m["errors"])
+                totals = [{"loss": t["loss"] + float(losses[i]), "errors": t["errors"] + int(errors[i]), "seconds": t["seconds"]}
+                          for i, t in enumerate(totals)]
+                bar.update((done - c) * bs * r)
+                if done < updates and ctl.stop():
+                    break
+        finally:
+            bar.close()
     elapsed = time.perf_counter() - t0
     return state, [dict(t, seconds=t["seconds"] + elapsed) for t in totals], done
 
