@@ -175,6 +175,81 @@ def presets() -> str:
     ])
 
 
+def lush_qmnist() -> str:
+    """docs/reproduction.md's QMNIST-recipe table: the lush-qmnist preset, 3 seeds in one
+    run, beside the figure Yadav and Bottou (2019) report for the authors' Lush LeNet-5."""
+    runs = list(seed_histories(train("presets", "lush-qmnist", "--preset", "lush-qmnist", "--seeds", ",".join(map(str, SEEDS)), epochs=30)).values())
+    return "\n".join([
+        "| | Yadav and Bottou (2019) | `--preset lush-qmnist` (seeds 0, 1, 2 in one run) |", "|---|---|---|",
+        f"| MNIST test error after 30 epochs | 0.82% ± 0.2 | **{pct([h[-1]['test_error'] for h in runs])}** |",
+        f"| after 10 (end of the eta = 1e-4 phase) / 20 epochs | | {pct([at(h, 10) for h in runs])} / {pct([at(h, 20) for h in runs])} |",
+        f"| training error of epoch 30, measured during the epoch | | {pct([at(h, 30, 'train_error') for h in runs])} |",
+        f"| seconds per epoch for the three | | {seconds(runs)} |",
+    ])
+
+
+SIZES = (15_000, 30_000, 60_000)
+
+
+def sizes() -> str:
+    """docs/reproduction.md's table and docs/training_size.png, in the form of the paper's
+    Fig. 6: test and training error after 20 epochs against the training-set size, without
+    and with distortions, 3 seeds in one run per size (60,000 without distortions is the
+    ``paper`` section's ``--seeds`` run)."""
+    from lenet_jax.plots import size_curves
+
+    seeds = ",".join(map(str, SEEDS))
+    table = {}
+    for distorted in (False, True):
+        for n in SIZES:
+            options = ("--preset", "distort") if distorted else ()
+            if n == 60_000 and not distorted:
+                run = train("paper", "seeds", "--seeds", seeds)
+            else:
+                run = train("sizes", f"{'distort' if distorted else 'plain'}-{n}", *options, "--train-subset", str(n), "--seeds", seeds)
+            table[distorted, n] = list(seed_histories(run).values())
+    lines = ["| training images | test error | training error (during epoch 20) | with distortions: test error | training error |",
+             "|---|---|---|---|---|"]
+    for n in SIZES:
+        plain, dist = table[False, n], table[True, n]
+        lines.append(f"| {n:,} | {pct([at(h, 20) for h in plain])} | {pct([at(h, 20, 'train_error') for h in plain])} | "
+                     f"{pct([at(h, 20) for h in dist])} | {pct([at(h, 20, 'train_error') for h in dist])} |")
+    errors = {(d, n, key): [at(h, 20, key) for h in table[d, n]] for d in (False, True) for n in SIZES for key in ("test_error", "train_error")}
+    size_curves(list(SIZES), errors, DOCS / "training_size.png")
+    return "\n".join(lines) + "\n\nwrote docs/training_size.png"
+
+
+REJECTION_RUNS = {  # what the rejection table measures: (section, run, its train.py options, epochs)
+    "paper (`--seeds 0,1,2`)": ("paper", "seeds", ("--seeds", "0,1,2"), 20),
+    "distort (seed 0)": ("distort", "seed-0", ("--preset", "distort", "--seed", "0"), 20),
+    "lush (`--seeds 0,1,2`)": ("presets", "lush", ("--preset", "lush", "--seeds", "0,1,2"), 20),
+    "lush-qmnist (`--seeds 0,1,2`)": ("presets", "lush-qmnist", ("--preset", "lush-qmnist", "--seeds", "0,1,2"), 30),
+}
+
+
+def eval_json(*options: str) -> dict:
+    """``python eval.py OPTIONS --json``, parsed."""
+    print("$ python eval.py", " ".join(options), "--json", flush=True)
+    out = subprocess.run([sys.executable, "eval.py", *options, "--json"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"reproduce: eval.py {' '.join(options)} failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def rejection() -> str:
+    """README and docs/reproduction.md: the share of test digits rejected (smallest margin
+    first) to bring the error on the rest to 0.5%, the paper's Fig. 10 measure."""
+    lines = ["| model | test error | rejected for 0.5% error on the rest |", "|---|---|---|"]
+    shipped = eval_json()
+    lines.append(f"| the shipped model | {pct([shipped['test_error']])} | **{pct([shipped['rejection']['rejected_share']])}** |")
+    for label, (section, name, options, epochs) in REJECTION_RUNS.items():
+        run = train(section, name, *options, epochs=epochs)
+        folders = sorted(run.glob("seed-*")) or [run]
+        reports = [eval_json("--workdir", str(f), "--epoch", "latest") for f in folders]
+        lines.append(f"| {label} | {pct([r['test_error'] for r in reports])} | **{pct([r['rejection']['rejected_share'] for r in reports])}** |")
+    return "\n".join(lines)
+
+
 TRIED = [  # (F^x, init scale, eta, j, other options, epochs): docs/reproduction.md's "what was tried" table
     ("1", None, "5e-4", "5", (), 3), ("1", None, "1e-4", "5", (), 3), ("0.5", "1", "5e-4", "5", (), 3),
     ("0.5", None, "5e-4", "5", (), 3), ("0.5", None, "5e-4", "1", (), 3), ("0.5", None, "5e-4", "20", (), 3),
@@ -182,6 +257,8 @@ TRIED = [  # (F^x, init scale, eta, j, other options, epochs): docs/reproduction
     ("0.5", None, "2.5e-4", "5", (), 20), ("0.5", None, "2.5e-4", "20", (), 3), ("0.6", None, "5e-4", "5", (), 3),
     ("0.7", None, "5e-4", "5", (), 3), ("0.8", None, "5e-4", "5", (), 3), ("0.6", None, "3.5e-4", "20", (), 3),
     ("0.6", None, "2.5e-4", "5", (), 3), ("0.6", None, "2.5e-4", "20", (), 3),
+    ("1", None, "5e-4", "5", ("--hessian-reduce", "sum"), 3), ("1", None, "5e-4", "5", ("--init-fan-in", "inputs+bias"), 3),
+    ("1", None, "5e-4", "5", ("--hessian-reduce", "sum", "--init-fan-in", "inputs+bias"), 3),
 ]
 
 
@@ -265,6 +342,11 @@ SECTIONS: dict[str, Section] = {
     "estimators": Section(estimators, "reproduction.md: what SDLM buys, error_curves.png", "about 15 (estimated)"),
     "sgd-sweep": Section(sgd_sweep, "reproduction.md: the sweep behind SGD's learning rate", "about 2 (estimated)"),
     "presets": Section(presets, "reproduction.md: the presets (paper-exact, lush, modern)", "13 (measured: lush 10.5, the rest 2.7)"),
+    "sizes": Section(sizes, "reproduction.md: error against the training-set size (the paper's Fig. 6), training_size.png", "MEASURED"),
+    "lush-qmnist": Section(lush_qmnist, "reproduction.md: the authors' QMNIST recipe (lush-qmnist), 3 seeds",
+                           "about 15 (estimated: 29.8 s an epoch when idle)"),
+    "rejection": Section(rejection, "README, reproduction.md: rejection for 0.5% error (paper, distort, lush, lush-qmnist, shipped)",
+                         "about 2 given the runs of the other sections (estimated), else about 45"),
     "tried": Section(tried, "reproduction.md: what was tried", "about 15 (estimated)"),
     "ablation": Section(ablation, "variants.md: the ablation table, ablation_10_epochs.json", "about 25 (estimated)"),
     "shipped": Section(shipped, "README: the shipped model; the figures of docs/ drawn from it", "4 (measured: 3.5)"),

@@ -31,7 +31,7 @@ from lenet_jax.precision import PRECISIONS
 from lenet_jax.sdlm import PAPER_ETAS, PAPER_MU
 
 OPTIMIZERS = ("sdlm", "sgd", "momentum", "adam")
-SCHEDULES = ("paper", "constant", "cosine")
+SCHEDULES = ("paper", "constant", "cosine", "phases")
 
 DEFAULT_LR = {"sdlm": PAPER_ETAS[0] / 2, "sgd": 1e-3, "momentum": 1e-3, "adam": 1e-3}
 """Starting learning rate per optimiser: for SDLM half the paper's eta (at the paper's
@@ -41,7 +41,7 @@ others this project's."""
 NATURAL_LOSS = {"rbf": "map", "softmax": "xent", "squashed": "edist"}
 """The loss a head takes when no --loss is given (the first of those it allows)."""
 
-OPTIMIZER_OPTIONS = {"mu": "sdlm", "hessian_estimator": "sdlm", "hessian_samples": "sdlm", "hessian_sample": "sdlm",
+OPTIMIZER_OPTIONS = {"mu": "sdlm", "hessian_estimator": "sdlm", "hessian_samples": "sdlm", "hessian_sample": "sdlm", "hessian_reduce": "sdlm",
                      "hessian_refresh": "sdlm", "hutchinson_probes": "sdlm", "momentum": "momentum"}
 """The options only one optimiser uses, and which (``--hutchinson-probes`` only with
 ``--hessian-estimator hutchinson`` besides)."""
@@ -85,6 +85,8 @@ class Config:
     map_j: float = option(DEFAULT_J, "the constant j of the MAP criterion (not given in the paper)", positive=True)
     init_scale: float = option(2.4, "weights start uniform in +-s/F**x, F the fan-in: this is s (the paper: 2.4)", positive=True)
     init_exponent: float = option(0.6, "... and this is x (the paper: 1, with which SDLM diverges here; docs/reproduction.md)", minimum=0.0)
+    init_fan_in: str = option("inputs", "what F counts: a unit's inputs (this project's reading) or inputs+bias (the bias as one "
+                                        "more input, a reading the paper leaves open)", choices=("inputs", "inputs+bias"))
     bias_init: str = option("fan_in", "biases start like their unit's weights (fan_in) or at zero (the authors' Lush code)", choices=BIAS_INITS)
     coefficient_init: str = option("fan_in", "S2/S4's coefficients start uniform like the weights (fan_in) or all at the bound s/F**x "
                                              "of that range (fixed: the authors' Lush code, 0.5)", choices=COEFFICIENT_INITS)
@@ -111,18 +113,24 @@ class Config:
                               + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "; a preset's is dropped when --optimizer "
                               "changes the preset's optimizer)", positive=True)
     schedule: str = option("paper", "learning-rate schedule over epochs; paper: x1, x0.4 from epoch 3, x0.2 from 6, x0.1 from 9, "
-                                    "x0.02 from 13", choices=SCHEDULES)
+                                    "x0.02 from 13; phases: x0.1 at the start of each phase of --phase-epochs (the authors' QMNIST "
+                                    "recipe)", choices=SCHEDULES)
+    phase_epochs: int = option(10, "epochs per phase, for --schedule phases and --hessian-refresh phase", minimum=1)
     momentum: float = option(0.9, "momentum of --optimizer momentum (only)", minimum=0.0, below=1.0)
     weight_decay: float = option(0.0, "L2 weight decay on the weights (not the biases), added to the gradient", minimum=0.0)
     mu: float = option(PAPER_MU, "SDLM's mu in eta / (mu + h) (--optimizer sdlm only)", positive=True)
     hessian_estimator: str = option("paper", "SDLM's Hessian-diagonal estimate (--optimizer sdlm only)", choices=tuple(ESTIMATORS))
     hessian_samples: int = option(500, "patterns the Hessian estimate averages over (--optimizer sdlm only); more than the training "
                                        "images is all of them: train.py says so and config.json records the number used", minimum=1)
+    hessian_reduce: str = option("mean", "how the Hessian estimate combines its patterns: mean (the paper's 'averaged') or sum "
+                                         "(the sum over them: the mean times --hessian-samples) (--optimizer sdlm only)",
+                                 choices=("mean", "sum"))
     hessian_sample: str = option("random", "which patterns: random (drawn from --seed and the epoch: the paper's reading) or first "
                                            "(the first ones in stored order: the authors' Lush demo) (--optimizer sdlm only)",
                                  choices=("random", "first"))
-    hessian_refresh: str = option("epoch", "when SDLM estimates the Hessian diagonal: before every epoch (the paper) or once, before "
-                                           "training (the authors' Lush demo) (--optimizer sdlm only)", choices=("epoch", "once"))
+    hessian_refresh: str = option("epoch", "when SDLM estimates the Hessian diagonal: before every epoch (the paper), once, before "
+                                           "training (the authors' Lush demo), or before each phase of --phase-epochs (their QMNIST "
+                                           "recipe) (--optimizer sdlm only)", choices=("epoch", "once", "phase"))
     hutchinson_probes: int = option(8, "random probes per pattern for --hessian-estimator hutchinson (only; memory grows with it: "
                                        "about 4 MB per probe)", minimum=1, maximum=1024)
     epochs: int = option(20, "epochs (passes over the training set)", minimum=1)
@@ -153,6 +161,8 @@ class Config:
 
     def refreshes_curvature(self, epoch: int) -> bool:
         """Whether SDLM's curvature estimate is taken before ``epoch``."""
+        if self.hessian_refresh == "phase":
+            return (epoch - 1) % self.phase_epochs == 0
         return self.hessian_refresh == "epoch" or epoch == 1
 
     @property
@@ -297,6 +307,11 @@ LUSH = dict(
 )
 """The recipe of the authors' Lush demo, each setting read from the source (docs/reproduction.md, with file and line)."""
 
+LUSH_QMNIST = dict(LUSH, hessian_refresh="phase", hessian_samples=1000, schedule="phases", phase_epochs=10, epochs=30)
+"""The authors' LeNet-5 as Yadav and Bottou trained it for QMNIST (2019): the Lush demo's
+network and SDLM, with the Hessian averaged over 1,000 samples at the start of each of 3
+sets of 10 passes at eta = 1e-4, 1e-5, 1e-6 (docs/reproduction.md)."""
+
 PRESETS: dict[str, Preset] = {
     "paper": Preset(
         "the paper's LeNet-5 and training (batch-1 SDLM, MAP loss, RBF output), with this project's two documented "
@@ -313,6 +328,11 @@ PRESETS: dict[str, Preset] = {
         "from the first 100 patterns, a constant learning rate of 1e-4, weights in +-1/sqrt(F), S2/S4 coefficients 0.5, zero "
         "biases, the patterns in stored order",
         LUSH),
+    "lush-qmnist": Preset(
+        "the authors' LeNet-5 as trained for the QMNIST paper (Yadav and Bottou, 2019): the lush preset's network and SDLM, "
+        "with the Hessian estimated from 1,000 patterns at the start of each of 3 phases of 10 epochs at learning rates "
+        "1e-4, 1e-5 and 1e-6",
+        LUSH_QMNIST),
     "modern": Preset(
         "every component swapped for its modern counterpart: ReLU, max pooling, dense C3, softmax cross-entropy, Adam 1e-3 "
         "with cosine decay over mini-batches of 16, dropout 0.25 on C5/F6, weight decay 1e-4, He-uniform weights",
@@ -415,6 +435,9 @@ def settle_options(base: Config, given: Mapping[str, Any], source: str = "the pa
         names = [flag(n) for n in refused if unused[n] == (key, needed)]
         raise ConfigError(f"{', '.join(names)}: {user(key)} does not use {'them' if len(names) > 1 else 'it'} "
                           f"(only {flag(key)} {needed} does): drop {'them' if len(names) > 1 else 'it'}")
+    if "phase_epochs" in given and config.schedule != "phases" and (config.optimizer != "sdlm" or config.hessian_refresh != "phase"):
+        raise ConfigError(f"--phase-epochs: {user('schedule')} and {user('hessian_refresh') if config.optimizer == 'sdlm' else user('optimizer')} "
+                          "do not use it (only --schedule phases and --hessian-refresh phase do): drop it")
     notes = []
     if resume:
         return config, notes

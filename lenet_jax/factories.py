@@ -16,12 +16,15 @@ from lenet_jax.sdlm import paper_schedule, sdlm
 
 def make_schedule(config: Config, updates_per_epoch: int) -> optax.Schedule:
     """The learning rate as a function of the update count: the paper's per-epoch table
-    (rescaled to ``config.learning_rate``), a cosine decay over the run, or a constant."""
+    (rescaled to ``config.learning_rate``), a cosine decay over the run, a tenth of the rate
+    at each phase of ``phase_epochs`` (the QMNIST recipe), or a constant."""
     lr = config.learning_rate
     if config.schedule == "paper":
         return paper_schedule(updates_per_epoch, lr)
     if config.schedule == "cosine":
         return optax.cosine_decay_schedule(lr, config.epochs * updates_per_epoch)
+    if config.schedule == "phases":
+        return optax.exponential_decay(lr, config.phase_epochs * updates_per_epoch, 0.1, staircase=True)
     return optax.constant_schedule(lr)
 
 
@@ -83,7 +86,8 @@ def make_model(config: Config, inference: bool = False, forward_mode: bool = Fal
     """The LeNet5 module ``config`` describes (see ``conv_impl_for`` for the two flags).
     Every convolution implementation computes the same function of the same parameters."""
     return LeNet5(
-        head=config.head, initialization=Init(exponent=config.init_exponent, scale=config.init_scale, bias=config.bias_init),
+        head=config.head, initialization=Init(exponent=config.init_exponent, scale=config.init_scale, bias=config.bias_init,
+                            count_bias=config.init_fan_in == "inputs+bias"),
         conv_impl=conv_impl_for(config, inference, forward_mode), precision=config.precision,
         activation=config.activation, subsampling=config.subsampling, c3=config.c3, conv=config.conv, dropout=config.dropout,
         input_scaling=config.input_scaling, coefficient_init=config.coefficient_init,

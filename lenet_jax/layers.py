@@ -84,14 +84,21 @@ class Init:
     exponent: float = 1.0
     scale: float = INIT_SCALE
     bias: str = "fan_in"
+    count_bias: bool = False
+    """Whether F counts the bias as one more input (a reading of "the number of inputs"
+    the paper leaves open)."""
 
     def weights(self, fan_in: np.ndarray | float) -> nn.initializers.Initializer:
         """The initialiser of weights of fan-in ``fan_in`` (which may vary along the last axis)."""
-        return fan_in_uniform(fan_in, self.exponent, self.scale)
+        return fan_in_uniform(self.fan(fan_in), self.exponent, self.scale)
 
     def biases(self, fan_in: np.ndarray | float) -> nn.initializers.Initializer:
         """The initialiser of the biases of units of fan-in ``fan_in``."""
-        return bias_initializer(self.bias, fan_in, self.exponent, self.scale)
+        return bias_initializer(self.bias, self.fan(fan_in), self.exponent, self.scale)
+
+    def fan(self, fan_in: np.ndarray | float) -> np.ndarray | float:
+        """F: the inputs of a unit, and its bias with ``count_bias``."""
+        return np.asarray(fan_in) + 1 if self.count_bias else fan_in
 
 
 def scaled_tanh(a: jax.Array, amplitude: float = AMPLITUDE, slope: float = SLOPE) -> jax.Array:

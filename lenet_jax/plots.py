@@ -139,3 +139,28 @@ def rejection_curve(shares: Any, errors: Any, path: Path | str, target: float = 
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title(title or "rejection: error against the share rejected")
     return _save(fig, path)
+
+
+def size_curves(sizes: Sequence[int], errors: dict[tuple[bool, int, str], Sequence[float]], path: Path | str) -> Path:
+    """Test (solid) and training (dashed) error against the training-set size, without and
+    with distortions, each point the mean over seeds with its spread as an error bar: the
+    shape of the paper's Fig. 6. ``errors[(distorted, size, "test_error" | "train_error")]``
+    holds one error per seed."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for i, distorted in enumerate((False, True)):
+        for key, style, kind in (("test_error", "-o", "test"), ("train_error", "--s", "training")):
+            values = [100 * np.asarray(errors[distorted, n, key], float) for n in sizes]
+            spread = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(sizes, [v.mean() for v in values], yerr=spread, fmt=style, color=f"C{i}", ms=4, capsize=3,
+                        label=f"{'with' if distorted else 'without'} distortions: {kind}")
+    ax.set_xlabel("training set size")
+    ax.set_ylabel("error rate (%) after 20 passes")
+    ax.set_xticks(list(sizes))
+    ax.set_xticklabels([f"{n // 1000}k" for n in sizes])
+    ax.set_ylim(0, None)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

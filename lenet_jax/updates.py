@@ -233,7 +233,9 @@ class Strategy:
         """Each seed's curvature estimate before ``epoch``, over its own sample of its own
         training patterns (``curvature_sample``: drawn or the first ones, as its
         ``--hessian-sample`` says; positions mapped through ``train_index`` when it has
-        one), put into its optimiser state, which holds it until the next refresh (appendix C)."""
+        one), put into its optimiser state, which holds it until the next refresh (appendix C).
+        With ``--hessian-reduce sum`` the estimate is of the sum over the patterns: the mean
+        times their number."""
         picks, keys = [], []
         for config, index in zip(configs, train_index):
             n = labels.shape[0] if index is None else index.shape[0]
@@ -241,4 +243,6 @@ class Strategy:
             picks.append(pick if index is None else index[pick])
             keys.append(key)
         h = self.estimate(state.params, images, labels, self.stack(picks), self.stack(keys))
+        if configs[0].hessian_reduce == "sum":
+            h = jax.tree.map(lambda v: v * picks[0].shape[0], h)
         return state.replace(opt_state=set_hessian(state.opt_state, h))

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from lenet_jax.bitmaps import DIGIT_BITMAPS
-from lenet_jax.plots import error_curves, misclassified, rbf_bitmaps
+from lenet_jax.plots import error_curves, misclassified, rbf_bitmaps, size_curves
 
 
 def pixels(path) -> np.ndarray:
@@ -53,3 +53,17 @@ def test_the_bitmap_figure_shows_each_bitmap(tmp_path):
     columns = np.array_split(np.arange(image.shape[1]), 10)
     ink = [dark(image[rows.min() : rows.max() + 1, c]) for c in columns]
     assert np.corrcoef(on, ink)[0, 1] > 0.9, (on, ink)  # more +1 cells, more ink
+
+
+def test_the_size_figure_draws_each_error_at_its_height(tmp_path):
+    """Without distortions (C0) at 1% test and 2% training error, with them (C1) at 4% and
+    3%: the orange marks sit higher on the figure than the blue ones."""
+    sizes = [15_000, 30_000, 60_000]
+    errors = {(d, n, key): ([0.04, 0.041, 0.039] if key == "test_error" else [0.03] * 3) if d else
+              ([0.01, 0.011, 0.009] if key == "test_error" else [0.02] * 3) for d in (False, True) for n in sizes for key in ("test_error", "train_error")}
+    image = pixels(size_curves(sizes, errors, tmp_path / "s.png"))
+    blue, orange = (31, 119, 180), (255, 127, 14)
+    rows = lambda colour: np.nonzero(np.all(np.abs(image[..., :3].astype(int) - colour) < 40, axis=-1))[0]  # noqa: E731
+    body = image.shape[0] * 0.8  # the legend sits in the upper part; the marks of 1-4% lie below it
+    assert len(rows(blue)) > 100 and len(rows(orange)) > 100
+    assert np.median(rows(orange)[rows(orange) < body]) < np.median(rows(blue)[rows(blue) < body])
