@@ -259,6 +259,8 @@ TRIED = [  # (F^x, init scale, eta, j, other options, epochs): docs/reproduction
     ("0.6", None, "2.5e-4", "5", (), 3), ("0.6", None, "2.5e-4", "20", (), 3),
     ("1", None, "5e-4", "5", ("--hessian-reduce", "sum"), 3), ("1", None, "5e-4", "5", ("--init-fan-in", "inputs+bias"), 3),
     ("1", None, "5e-4", "5", ("--hessian-reduce", "sum", "--init-fan-in", "inputs+bias"), 3),
+    ("1", None, "5e-4", "5", ("--hessian-refresh-first-epoch", "5000"), 3),
+    ("1", None, "5e-4", "5", ("--hessian-refresh-first-epoch", "5000", "--hessian-reduce", "sum"), 3),
 ]
 
 

@@ -42,6 +42,7 @@ NATURAL_LOSS = {"rbf": "map", "softmax": "xent", "squashed": "edist"}
 """The loss a head takes when no --loss is given (the first of those it allows)."""
 
 OPTIMIZER_OPTIONS = {"mu": "sdlm", "hessian_estimator": "sdlm", "hessian_samples": "sdlm", "hessian_sample": "sdlm", "hessian_reduce": "sdlm",
+                     "hessian_refresh_first_epoch": "sdlm",
                      "hessian_refresh": "sdlm", "hutchinson_probes": "sdlm", "momentum": "momentum"}
 """The options only one optimiser uses, and which (``--hutchinson-probes`` only with
 ``--hessian-estimator hutchinson`` besides)."""
@@ -131,6 +132,9 @@ class Config:
     hessian_refresh: str = option("epoch", "when SDLM estimates the Hessian diagonal: before every epoch (the paper), once, before "
                                            "training (the authors' Lush demo), or before each phase of --phase-epochs (their QMNIST "
                                            "recipe) (--optimizer sdlm only)", choices=("epoch", "once", "phase"))
+    hessian_refresh_first_epoch: int = option(0, "also estimate the Hessian diagonal every N updates during the first epoch "
+                                                 "(0: not), for a first pass that starts from a curvature of the untrained network "
+                                                 "(--optimizer sdlm only)", minimum=0)
     hutchinson_probes: int = option(8, "random probes per pattern for --hessian-estimator hutchinson (only; memory grows with it: "
                                        "about 4 MB per probe)", minimum=1, maximum=1024)
     epochs: int = option(20, "epochs (passes over the training set)", minimum=1)
@@ -158,6 +162,12 @@ class Config:
     @property
     def learning_rate(self) -> float:
         return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+    def refreshes_within(self, epoch: int, updates_per_epoch: int) -> list[int]:
+        """The updates of ``epoch`` before which SDLM's curvature is estimated again, besides
+        its start (``--hessian-refresh-first-epoch``: every N updates of the first epoch)."""
+        every = self.hessian_refresh_first_epoch
+        return list(range(every, updates_per_epoch, every)) if epoch == 1 and every else []
 
     def refreshes_curvature(self, epoch: int) -> bool:
         """Whether SDLM's curvature estimate is taken before ``epoch``."""

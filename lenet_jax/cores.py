@@ -5,8 +5,8 @@ threads spread over several cores cost more in synchronisation than they give: t
 program runs faster with all of the process's threads on one core (measured by
 ``python -m bench.throughput`` against ``taskset -c 0``, and docs/speed.md). ``pinned``
 moves every thread of the process onto one core for the duration of a block and puts
-each back where it was afterwards, so evaluation and the curvature refresh between the
-chunks keep every core. The thread pools are unchanged (the same number of threads), so
+each back where it was afterwards, so evaluation and the curvature refresh before each
+epoch keep every core. The thread pools are unchanged (the same number of threads), so
 the program computes exactly what it computes unpinned.
 
 Only where it helps and nothing else is changed: the CPU backend, one seed at batch 1,

@@ -423,7 +423,8 @@ def wait(tree: Any) -> Any:
 def _train_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state: TrainState, epoch: int, first: int,
                  totals: list[dict[str, float]]) -> tuple[TrainState, list[dict[str, float]], int]:
     """Updates ``first``.. of ``epoch`` for every seed, chunk by chunk (the curvature
-    refreshed first when the epoch starts); returns the state, each seed's running sums
+    refreshed first when the epoch starts, and within it where ``--hessian-refresh-first-epoch``
+    asks, a chunk ending at each such update); returns the state, each seed's running sums
     and how many updates of the epoch are done (fewer than all when a stop request came)."""
     s, config, updates = exp.strategy, exp.config, exp.updates_per_epoch
     t0 = time.perf_counter()
@@ -439,11 +440,15 @@ def _train_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state
     core = cores.batch1_core(jax.default_backend(), bs, r)  # at batch 1 one core is faster than all (lenet_jax.cores)
     with cores.pinned(core):
         try:
-            for c in range(first, updates, exp.chunk_len):
-                chunk = s.stack([b[c : c + exp.chunk_len] for b in batches])
+            within = config.refreshes_within(epoch, updates) if uses_curvature(state.opt_state) else []
+            starts = sorted({*range(first, updates, exp.chunk_len), *(u for u in within if u > first)})
+            for c, end in zip(starts, [*starts[1:], updates]):
+                if c in within:  # a refresh in the epoch: a stop never comes between it and its chunk
+                    state = s.refresh(state, exp.images, exp.labels, [m.config for m in seed_runs], [m.train_index for m in seed_runs], epoch, c)
+                chunk = s.stack([b[c:end] for b in batches])
                 state, m = s.chunk(state, exp.images, exp.labels, chunk, keys)
                 m = wait(m)
-                done = min(c + exp.chunk_len, updates)
+                done = end
                 finite = s.per_seed(m["finite"])
                 if not finite.all():
                     raise Diverged(_divergence(seed_runs, finite, epoch, c, done, updates))

@@ -165,11 +165,12 @@ def curvature_model(config: Config) -> LeNet5:
     return make_model(config, forward_mode=hessian.get_estimator(config.hessian_estimator).forward_mode)
 
 
-def curvature_sample(config: Config, epoch: int, n: int) -> tuple[jax.Array, jax.Array]:
+def curvature_sample(config: Config, epoch: int, n: int, update: int = 0) -> tuple[jax.Array, jax.Array]:
     """The positions (0..n-1 in the training set) of the patterns the estimate before
-    ``epoch`` averages over (drawn from the seed and the epoch, or the first ones), and
-    the key of its own randomness."""
+    update ``update`` of ``epoch`` averages over (drawn from the seed, the epoch and the
+    update, or the first ones), and the key of its own randomness."""
     key = epoch_key(config.seed, epoch, PURPOSE_CURVATURE)
+    key = key if update == 0 else jax.random.fold_in(key, update + 1)
     size = min(config.hessian_samples, n)
     pick = jax.random.choice(key, n, (size,), replace=False) if config.hessian_sample == "random" else jnp.arange(size)
     return pick, jax.random.fold_in(key, 1)
@@ -229,8 +230,9 @@ class Strategy:
         return np.asarray(metric).reshape(self.n_seeds)
 
     def refresh(self, state: TrainState, images: jax.Array, labels: jax.Array, configs: list[Config],
-                train_index: list[jax.Array | None], epoch: int) -> TrainState:
-        """Each seed's curvature estimate before ``epoch``, over its own sample of its own
+                train_index: list[jax.Array | None], epoch: int, update: int = 0) -> TrainState:
+        """Each seed's curvature estimate before update ``update`` of ``epoch`` (its start
+        unless ``--hessian-refresh-first-epoch`` asks for more), over its own sample of its own
         training patterns (``curvature_sample``: drawn or the first ones, as its
         ``--hessian-sample`` says; positions mapped through ``train_index`` when it has
         one), put into its optimiser state, which holds it until the next refresh (appendix C).
@@ -239,7 +241,7 @@ class Strategy:
         picks, keys = [], []
         for config, index in zip(configs, train_index):
             n = labels.shape[0] if index is None else index.shape[0]
-            pick, key = curvature_sample(config, epoch, n)
+            pick, key = curvature_sample(config, epoch, n, update)
             picks.append(pick if index is None else index[pick])
             keys.append(key)
         h = self.estimate(state.params, images, labels, self.stack(picks), self.stack(keys))

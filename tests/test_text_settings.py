@@ -39,3 +39,45 @@ def test_a_fan_in_counting_the_bias_narrows_every_initial_range_to_f_plus_1():
     for layer, fan_in in (("C1", 25), ("C5", 400), ("F6", 120)):
         chex.assert_trees_all_close(counted[layer]["kernel"], plain[layer]["kernel"] * fan_in / (fan_in + 1), rtol=1e-6)
         chex.assert_trees_all_close(counted[layer]["bias"], plain[layer]["bias"] * fan_in / (fan_in + 1), rtol=1e-6)
+
+
+def test_refreshes_within_the_first_epoch_come_every_n_updates():
+    config = Config(hessian_refresh_first_epoch=6)
+    assert config.refreshes_within(1, 20) == [6, 12, 18] and config.refreshes_within(1, 18) == [6, 12]
+    assert config.refreshes_within(2, 20) == [] and Config().refreshes_within(1, 20) == []
+
+
+def _recording_refreshes(monkeypatch) -> list[tuple[int, int]]:
+    from lenet_jax import updates
+
+    seen: list[tuple[int, int]] = []
+    real = updates.Strategy.refresh
+
+    def recording(self, state, images, labels, configs, train_index, epoch, update=0):
+        seen.append((epoch, update))
+        return real(self, state, images, labels, configs, train_index, epoch, update)
+
+    monkeypatch.setattr(updates.Strategy, "refresh", recording)
+    return seen
+
+
+FIRST_EPOCH = Config(epochs=2, train_subset=20, hessian_samples=8, hessian_refresh_first_epoch=6, chunks=2, stop_at_chance=False)
+
+
+def test_the_loop_refreshes_at_those_updates_and_resumes_exactly_across_them(mnist, tmp_path, monkeypatch):
+    from lenet_jax.training import fit
+
+    from conftest import QUIET, small
+
+    data = small(mnist, 20, 10)
+    seen = _recording_refreshes(monkeypatch)
+    straight = fit(FIRST_EPOCH, data, tmp_path / "straight", **QUIET)
+    assert seen == [(1, 0), (1, 6), (1, 12), (1, 18), (2, 0)]
+    for calls in (2, 3):  # epoch 1's chunks are updates 0-6, 6-10, 10-12, 12-18, 18-20: stops at 10 and at 12
+        asked = []
+        stopped = fit(FIRST_EPOCH, data, tmp_path / f"stop{calls}", stop=lambda: asked.append(1) or len(asked) == calls, **QUIET)
+        assert stopped.position.update == (10 if calls == 2 else 12)
+        resumed = fit(FIRST_EPOCH, data, tmp_path / f"stop{calls}", resume=True, **QUIET)
+        chex.assert_trees_all_equal(straight.state.params, resumed.state.params)
+    other = fit(FIRST_EPOCH.replace(hessian_refresh_first_epoch=0), data, tmp_path / "plain", **QUIET)
+    assert not all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(other.state.params), jax.tree.leaves(straight.state.params)))
