@@ -261,6 +261,8 @@ TRIED = [  # (F^x, init scale, eta, j, other options, epochs): docs/reproduction
     ("1", None, "5e-4", "5", ("--hessian-reduce", "sum", "--init-fan-in", "inputs+bias"), 3),
     ("1", None, "5e-4", "5", ("--hessian-refresh-first-epoch", "5000"), 3),
     ("1", None, "5e-4", "5", ("--hessian-refresh-first-epoch", "5000", "--hessian-reduce", "sum"), 3),
+    ("1", None, "5e-4", "5", ("--rbf-curvature", "constant"), 3),
+    ("1", None, "5e-4", "5", ("--rbf-curvature", "constant", "--hessian-reduce", "sum"), 20),
 ]
 
 

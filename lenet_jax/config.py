@@ -42,7 +42,7 @@ NATURAL_LOSS = {"rbf": "map", "softmax": "xent", "squashed": "edist"}
 """The loss a head takes when no --loss is given (the first of those it allows)."""
 
 OPTIMIZER_OPTIONS = {"mu": "sdlm", "hessian_estimator": "sdlm", "hessian_samples": "sdlm", "hessian_sample": "sdlm", "hessian_reduce": "sdlm",
-                     "hessian_refresh_first_epoch": "sdlm",
+                     "hessian_refresh_first_epoch": "sdlm", "rbf_curvature": "sdlm",
                      "hessian_refresh": "sdlm", "hutchinson_probes": "sdlm", "momentum": "momentum"}
 """The options only one optimiser uses, and which (``--hutchinson-probes`` only with
 ``--hessian-estimator hutchinson`` besides)."""
@@ -132,6 +132,9 @@ class Config:
     hessian_refresh: str = option("epoch", "when SDLM estimates the Hessian diagonal: before every epoch (the paper), once, before "
                                            "training (the authors' Lush demo), or before each phase of --phase-epochs (their QMNIST "
                                            "recipe) (--optimizer sdlm only)", choices=("epoch", "once", "phase"))
+    rbf_curvature: str = option("gauss_newton", "the RBF output's curvature SDLM's estimate starts from: gauss_newton (of the "
+                                                "MAP criterion) or constant (2 per F6 output, the correct class's penalty alone) "
+                                                "(--optimizer sdlm and --head rbf only)", choices=("gauss_newton", "constant"))
     hessian_refresh_first_epoch: int = option(0, "also estimate the Hessian diagonal every N updates during the first epoch "
                                                  "(0: not), for a first pass that starts from a curvature of the untrained network "
                                                  "(--optimizer sdlm only)", minimum=0)
@@ -177,7 +180,7 @@ class Config:
 
     @property
     def objective(self) -> Objective:
-        return Objective(self.head, self.loss, self.map_j, self.precision)
+        return Objective(self.head, self.loss, self.map_j, self.precision, self.rbf_curvature)
 
     @property
     def distortion(self) -> Distortion | None:

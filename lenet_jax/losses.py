@@ -68,6 +68,9 @@ class Objective:
     loss: str = "map"
     j: float = DEFAULT_J
     precision: str = "float32"
+    rbf_curvature: str = "gauss_newton"
+    """The RBF head's output curvature for SDLM: its Gauss-Newton value (the default), or the
+    constant 2 per F6 output of the correct class's penalty alone (``"constant"``)."""
 
     def __post_init__(self) -> None:
         allowed = {"rbf": ("map", "mse"), "softmax": ("xent",), "squashed": ("edist",)}
@@ -77,6 +80,10 @@ class Objective:
             raise ConfigError(f"the {self.head} head takes loss {' or '.join(allowed[self.head])}, not {self.loss!r}")
         if self.loss == "map" and not self.j > 0:
             raise ConfigError(f"the MAP constant j must be positive, got {self.j}")
+        if self.rbf_curvature not in ("gauss_newton", "constant"):
+            raise ConfigError(f"unknown RBF curvature {self.rbf_curvature!r}; choose from gauss_newton, constant")
+        if self.rbf_curvature == "constant" and self.head != "rbf":
+            raise ConfigError(f"--rbf-curvature constant is the RBF head's; the {self.head} head has no RBF layer")
 
     def per_sample(self, scores: jax.Array, labels: jax.Array) -> jax.Array:
         """The loss of each sample from its scores (RBF penalties or logits)."""
@@ -105,6 +112,8 @@ class Objective:
         Softmax: the exact Hessian of cross-entropy w.r.t. the logits.
         Squashed: the exact Hessian of 0.5 |y - t|^2 w.r.t. the outputs, the identity
         (what Lush's ``edist-cost`` bbprop passes down: 1 per output).
+        With ``rbf_curvature="constant"`` the RBF head passes down the constant 2 per F6
+        output of the correct class's penalty alone, whatever the outputs.
         """
         if self.head == "softmax":
             return _softmax_factor(jax.nn.softmax(outputs))
@@ -112,7 +121,7 @@ class Objective:
             return jnp.eye(outputs.shape[-1], dtype=outputs.dtype)
         dim = outputs.shape[-1]
         quadratic = jnp.sqrt(2.0) * jnp.eye(dim, dtype=outputs.dtype)
-        if self.loss == "mse":
+        if self.loss == "mse" or self.rbf_curvature == "constant":
             return quadratic
         centres = jnp.asarray(RBF_CENTRES, outputs.dtype)
         diff = outputs[None, :] - centres

@@ -81,3 +81,20 @@ def test_the_loop_refreshes_at_those_updates_and_resumes_exactly_across_them(mni
         chex.assert_trees_all_equal(straight.state.params, resumed.state.params)
     other = fit(FIRST_EPOCH.replace(hessian_refresh_first_epoch=0), data, tmp_path / "plain", **QUIET)
     assert not all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(other.state.params), jax.tree.leaves(straight.state.params)))
+
+
+def test_a_constant_rbf_curvature_is_2_per_f6_output_whatever_the_outputs():
+    from lenet_jax.errors import ConfigError
+    from lenet_jax.losses import DEFAULT_J, RBF_CENTRES, Objective
+
+    near = jnp.asarray(RBF_CENTRES[0]) + jnp.sqrt(DEFAULT_J / 84)  # penalty j from class 0: the MAP term's share is half
+    far = jax.random.normal(jax.random.key(0), (84,))
+    for outputs in (near, far):
+        for label in (0, 7):
+            factor = Objective(rbf_curvature="constant").curvature_factor(outputs, jnp.asarray(label))
+            chex.assert_trees_all_close(factor.T @ factor, 2.0 * jnp.eye(84), atol=1e-6)
+    exact = Objective().curvature_factor(near, jnp.asarray(0))
+    assert float(jnp.max(jnp.abs(exact.T @ exact - 2.0 * jnp.eye(84)))) > 1e-3  # the default adds the MAP term's part
+    with pytest.raises(ConfigError, match="the softmax head has no RBF layer"):
+        Objective("softmax", "xent", rbf_curvature="constant")
+    assert Config(rbf_curvature="constant").objective.rbf_curvature == "constant"
