@@ -145,16 +145,17 @@ def size_curves(sizes: Sequence[int], errors: dict[tuple[bool, int, str], Sequen
     """Test (solid) and training (dashed) error against the training-set size, without and
     with distortions, each point the mean over seeds with its spread as an error bar: the
     shape of the paper's Fig. 6. ``errors[(distorted, size, "test_error" | "train_error")]``
-    holds one error per seed."""
+    holds one error per seed; a size missing from a curve is left out of it."""
     import numpy as np
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for i, distorted in enumerate((False, True)):
         for key, style, kind in (("test_error", "-o", "test"), ("train_error", "--s", "training")):
-            values = [100 * np.asarray(errors[distorted, n, key], float) for n in sizes]
+            shown = [n for n in sizes if (distorted, n, key) in errors]
+            values = [100 * np.asarray(errors[distorted, n, key], float) for n in shown]
             spread = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in values]
-            ax.errorbar(sizes, [v.mean() for v in values], yerr=spread, fmt=style, color=f"C{i}", ms=4, capsize=3,
+            ax.errorbar(shown, [v.mean() for v in values], yerr=spread, fmt=style, color=f"C{i}", ms=4, capsize=3,
                         label=f"{'with' if distorted else 'without'} distortions: {kind}")
     ax.set_xlabel("training set size")
     ax.set_ylabel("error rate (%) after 20 passes")
