@@ -21,10 +21,7 @@ def evaluate_arrays(
     """Summed loss, error count and predictions over uint8 ``images`` (28x28, or padded
     32x32), in batches."""
     n = images.shape[0]
-    nb = -(-n // batch_size)
-    pad = nb * batch_size - n
-    imgs = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)).reshape((nb, batch_size) + images.shape[1:])
-    labs = jnp.pad(labels, (0, pad)).reshape(nb, batch_size)
+    imgs, labs = in_batches(images, batch_size), in_batches(labels, batch_size)
 
     def one(args):
         x, y = args
@@ -34,6 +31,14 @@ def evaluate_arrays(
     losses, preds = jax.lax.map(one, (imgs, labs))
     losses, preds = losses.reshape(-1)[:n], preds.reshape(-1)[:n]
     return {"loss": jnp.sum(losses), "errors": jnp.sum(preds != labels), "predictions": preds}
+
+
+def in_batches(values: jax.Array, batch_size: int) -> jax.Array:
+    """``values`` (N, ...) zero-padded to whole batches and reshaped to (batches, batch_size, ...)."""
+    n = values.shape[0]
+    nb = -(-n // batch_size)
+    padded = jnp.pad(values, ((0, nb * batch_size - n),) + ((0, 0),) * (values.ndim - 1))
+    return padded.reshape((nb, batch_size) + values.shape[1:])
 
 
 def evaluate(params: Any, apply_fn: Callable, images: Any, labels: Any, objective: Objective, batch_size: int = 1000) -> dict[str, Any]:

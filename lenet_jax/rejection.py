@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lenet_jax.evaluation import in_batches
 from lenet_jax.inputs import preprocess
 from lenet_jax.predict import rank_scores
 
@@ -107,12 +108,9 @@ def _checked(margins: Any, predictions: Any, labels: Any) -> tuple[np.ndarray, n
 def score_set(params: Any, apply_fn: Callable, images: jax.Array, batch_size: int = 1000) -> jax.Array:
     """The network's scores (N, 10) for uint8 ``images`` (28x28, or padded 32x32), in
     batches under one compiled ``lax.map`` (as ``evaluation.evaluate_arrays``)."""
-    n = images.shape[0]
-    nb = -(-n // batch_size)
-    pad = nb * batch_size - n
-    batches = jnp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1)).reshape((nb, batch_size) + images.shape[1:])
+    batches = in_batches(images, batch_size)
     scores = jax.lax.map(lambda x: apply_fn({"params": params}, preprocess(x)), batches)
-    return scores.reshape((nb * batch_size,) + scores.shape[2:])[:n]
+    return scores.reshape((-1,) + scores.shape[2:])[: images.shape[0]]
 
 
 def model_rejection(
