@@ -37,19 +37,26 @@ def thread_ids() -> list[int]:
     return [int(name) for name in os.listdir(TASKS) if name.isdigit()]
 
 
-@contextlib.contextmanager
-def pinned(core: int | None) -> Iterator[None]:
-    """Every thread of the process on ``core`` for the block (nothing when None); each
-    thread's own set of cores restored after it. A thread that ends meanwhile is passed
-    over; one started inside the block keeps the core it inherited until it is next pinned."""
-    if core is None:
-        yield
-        return
+def move_threads(core: int) -> dict[int, set[int]]:
+    """Every thread of the process onto ``core``; each moved thread's set of cores before.
+    A thread that ends meanwhile is passed over."""
     before = {}
     for tid in thread_ids():
         with contextlib.suppress(OSError):  # a thread that ended between the listing and here
             before[tid] = os.sched_getaffinity(tid)
             os.sched_setaffinity(tid, {core})
+    return before
+
+
+@contextlib.contextmanager
+def pinned(core: int | None) -> Iterator[None]:
+    """Every thread of the process on ``core`` for the block (nothing when None); each
+    thread's own set of cores restored after it. One started inside the block keeps the
+    core it inherited until it is next pinned."""
+    if core is None:
+        yield
+        return
+    before = move_threads(core)
     try:
         yield
     finally:

@@ -228,6 +228,12 @@ def seed_memory(config: Config, n_train: int) -> tuple[int, int]:
     return 3 * state + int(work), shared
 
 
+def one_seed_too_large(needed: int, available: int) -> ConfigError:
+    """The error of a run of seeds of which not even one fits in memory."""
+    return ConfigError(f"--seeds: one seed needs about {needed / 1e9:.3g} GB, more than the {available / 1e9:.3g} GB "
+                       "available (fewer --hessian-samples, or a smaller --batch-size, need less)")
+
+
 def seed_groups(config: Config, seeds: list[int], n_train: int, available: int | None = None) -> list[list[int]]:
     """``seeds`` in consecutive groups of about equal size, each small enough for its
     estimated memory (``seed_memory``) to fit in ``MEMORY_SHARE`` of the ``available``
@@ -241,8 +247,7 @@ def seed_groups(config: Config, seeds: list[int], n_train: int, available: int |
     if fit >= len(seeds):
         return [list(seeds)]
     if each + shared > available:
-        raise ConfigError(f"--seeds: one seed needs about {(each + shared) / 1e9:.3g} GB, more than the {available / 1e9:.3g} GB "
-                          "available (fewer --hessian-samples, or a smaller --batch-size, need less)")
+        raise one_seed_too_large(each + shared, available)
     count = math.ceil(len(seeds) / max(fit, 1))
     size = math.ceil(len(seeds) / count)
     return [list(seeds[i : i + size]) for i in range(0, len(seeds), size)]

@@ -104,16 +104,18 @@ def test_three_seeds_stopped_anywhere_resume_bit_for_bit(three, tmp_path, calls)
 
 
 @pytest.mark.slow
-def test_three_seeds_as_one_command_stop_resume_and_evaluate(mnist, tmp_path, capsys):
+def test_three_seeds_as_one_command_stop_resume_and_evaluate(mnist, tmp_path, capfd):
+    """On two cores or more the seeds train in worker processes (lenet_jax/spread.py),
+    whose output reaches the command's own file descriptors."""
     work = tmp_path / "run"
     args = ["--seeds", "0,1,2", "--epochs", "2", "--train-subset", "120", "--hessian-samples", "20", "--workdir", str(work), "--no-progress"]
     assert train_main([*args[:3], "1", *args[4:]]) == 0  # one epoch first
-    capsys.readouterr()
+    capfd.readouterr()
     assert train_main(["--workdir", str(work), "--resume", "--epochs", "2", "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "resuming" in out and "mean " in out and "over 3 seed(s)" in out
     assert eval_main(["--workdir", str(work), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(capfd.readouterr().out)
     assert sorted(report["seeds"]) == ["0", "1", "2"] and all(r["epoch"] == 2 for r in report["seeds"].values())
     trained = {s: json.loads((work / f"seed-{s}" / "metrics.jsonl").read_text().splitlines()[-1])["test_error"] for s in (0, 1, 2)}
     assert {int(s): r["test_error"] for s, r in report["seeds"].items()} == trained  # what training measured after epoch 2

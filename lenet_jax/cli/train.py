@@ -56,10 +56,16 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag(f.name), *earlier, type=kind, default=default, help=help)
     parser.add_argument("--seeds", type=seed_list, metavar="S,S,...",
-                        help="train one model per seed (instead of --seed), all in one compiled program, each into WORKDIR/seed-S; "
-                        "ends with the test error of each and their mean and spread. Seeds whose memory, estimated before anything "
+                        help="train one model per seed (instead of --seed), each into WORKDIR/seed-S; ends with the test error of "
+                        "each and their mean and spread. On a CPU with several cores at batch 1, each core trains its share of the "
+                        "seeds in a process of its own, one seed after the other, each exactly as its own --seed run; otherwise "
+                        "all seeds train in one compiled program. Seeds whose memory, estimated before anything "
                         "runs, exceeds what the device has free train in groups that fit, one group after the other (each group "
                         "computes what it would alone); refused when not even one seed fits")
+    parser.add_argument("--one-program", action="store_true",
+                        help="with --seeds: train the seeds in one compiled program even where each core could take its share "
+                        "(the form of the --seeds figures in docs/ measured before 2026-12-02; the seeds then add in another order "
+                        "than their own runs)")
     parser.add_argument("--workdir", type=Path, help="where checkpoints, metrics.jsonl and config.json go (default: a new runs/<date-time>)")
     parser.add_argument(
         "--resume", action="store_true",
@@ -139,7 +145,10 @@ def run(args: argparse.Namespace, overrides: dict[str, Any], preset_given: bool)
         seeds = list(seed_folders(args.workdir))
     if seeds and "seed" in overrides:
         raise ConfigError("give either --seed or --seeds")
-    return train(config, args.workdir, resume=args.resume, progress=not args.no_progress, distributed=args.distributed, seeds=seeds)
+    if args.one_program and not seeds:
+        raise ConfigError("--one-program is for --seeds (several seeds in one program); a single run is one program already")
+    return train(config, args.workdir, resume=args.resume, progress=not args.no_progress, distributed=args.distributed, seeds=seeds,
+                 one_program=args.one_program)
 
 
 def curvature_sample_used(config: Config, n_train: int, note: Callable[[str], None] = print) -> Config:
@@ -160,14 +169,16 @@ def curvature_sample_used(config: Config, n_train: int, note: Callable[[str], No
 
 
 def train(config: Config, workdir: Path | None, resume: bool = False, progress: bool = True, distributed: bool = False,
-          seeds: list[int] | None = None) -> int:
+          seeds: list[int] | None = None, one_program: bool = False) -> int:
     """Train ``config`` into ``workdir`` (a new ``runs/<date-time>`` when None; one model
-    per seed of ``seeds``, if given) and say where everything went.
+    per seed of ``seeds``, if given: spread over the CPU's cores where ``spread.places``
+    says so, unless ``one_program``) and say where everything went.
 
     The folder's lock is taken before anything is written, and held until the command
     ends; a command that fails before its first checkpoint removes what it created, and
     only that. SIGTERM/SIGINT stop training cleanly with a checkpoint (exit 0); a second
     one stops it at once; one before training starts ends the command (exit 130)."""
+    from lenet_jax import spread
     from lenet_jax.data import load_dataset
     from lenet_jax.parallel import initialize_distributed, is_primary
     from lenet_jax.preemption import StopRequest
@@ -184,16 +195,20 @@ def train(config: Config, workdir: Path | None, resume: bool = False, progress: 
             say(f"data: {dataset.source}")
             if not resume:  # a resumed run goes on with its saved options
                 config = curvature_sample_used(config, len(dataset.train_labels), say)
+            places = spread.places(config, seeds, len(dataset.train_labels)) if seeds and not one_program else None
             with stop.asking():
-                if seeds:
+                if places:
+                    results = spread.fit_spread(config, places, folder, resume, say, stop)
+                elif seeds:
                     results = fit_seeds(config, seeds, dataset, folder, resume=resume, log=say, progress=progress, stop=stop)
                 else:
                     results = [fit(config, dataset, folder, resume=resume, log=say, progress=progress, stop=stop)]
-    if not all(r.finished for r in results) or len(results) < len(seeds or [0]):  # seeds in groups: a stop may leave some out
+    if not all(r.finished for r in results) or len(results) < len(seeds or [0]):  # seeds in turn: a stop may leave some out
         say(f"to continue: python train.py --workdir {workdir} --resume")
         return 0
     if seeds:
-        say(f"done after {results[0].position.epoch} epochs:\n" + seeds_table({s: r.history[-1]["test_error"] for s, r in zip(seeds, results)}))
+        done = {s: r.history[-1]["test_error"] for s, r in zip(seeds, results)}
+        say(f"done after {results[0].history[-1]['epoch']} epochs:\n" + seeds_table(done))
         say(f"runs: {workdir}/seed-{{{','.join(map(str, seeds))}}}\nevaluate with: python eval.py --workdir {workdir}")
         return 0
     last = results[0].history[-1] if results[0].history else {}

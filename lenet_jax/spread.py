@@ -1,0 +1,257 @@
+"""Several seeds on several CPU cores: ``train.py --seeds`` at batch 1 gives each core a
+process of its own and a share of the seeds.
+
+At batch 1 a seed trains fastest with every thread of its process on one core
+(``lenet_jax.cores``), so a CPU with N cores trains N seeds in about the time of one. One
+process cannot do this with several CPU devices: XLA's CPU client runs all of them on one
+shared thread pool. So each core gets a worker process (``python -m lenet_jax.spread``)
+that starts JAX as a run of its own would (the same thread pool, sized by the cores the
+command may use), then moves all of its threads onto its core, and trains its seeds one
+after the other, each exactly as ``train.py --seed S --workdir WORKDIR/seed-S`` does: the
+same compiled program on the same pool, so the same parameters bit for bit (a pool of
+another size splits the work, and the sums, otherwise). A core with two seeds takes twice
+as long as one with one; the two in one program on that core took as long (measured), and
+would no longer each be its own run.
+
+The command (the parent) holds ``WORKDIR``'s lock and passes a stop request on: on
+SIGTERM/SIGINT every worker saves where it is and starts no further seed; a second
+signal ends everything at once, as it ends a single run. A worker whose parent dies is
+sent SIGTERM by the kernel (Linux's parent-death signal), so it saves and ends too.
+A worker that fails makes the others stop cleanly, and the command fails with its kind
+of error (exit 1 for a diverged seed, as a single run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from lenet_jax import cores, training
+from lenet_jax.checkpoint import SEED_FOLDER, holds_checkpoints
+from lenet_jax.config import Config
+from lenet_jax.errors import Diverged, UserError, command
+from lenet_jax.fileio import RunFolder
+from lenet_jax.runs import check_layout
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PR_SET_PDEATHSIG = 1
+POLL_SECONDS = 0.05
+STOPPED_BEFORE_TRAINING = (130, -signal.SIGTERM)
+"""How a worker asked to stop before its training started ends: as an interrupted command
+(``errors.command``), or by the signal itself while Python was still starting."""
+
+
+class WorkerFailed(UserError, RuntimeError):
+    """A worker process ended with an error (its own error line is printed above)."""
+
+
+@dataclass(frozen=True)
+class SeedOutcome:
+    """What a seed's run ended with: its per-epoch history, whether it completed every
+    epoch, and where its process ran."""
+
+    seed: int
+    history: list[dict[str, Any]]
+    finished: bool
+    cores: list[int]
+    """The cores its process's threads could run on when it ended."""
+
+
+def plan(seeds: Sequence[int], config: Config, backend: str, processes: int, allowed: set[int] | None = None) -> list[list[int]] | None:
+    """The seeds of each allowed core, in core order (seed i goes to core i mod N), or
+    None to train the seeds in one program: only on the CPU, in one process on one
+    device, at batch 1, for several seeds, on Linux, with more than one core allowed (a
+    user's own ``taskset`` to one core is left alone)."""
+    if backend != "cpu" or processes != 1 or config.devices > 1 or config.batch_size != 1 or len(seeds) < 2:
+        return None
+    if allowed is None:
+        if not hasattr(os, "sched_getaffinity") or not cores.TASKS.is_dir():
+            return None
+        allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        return None
+    places = sorted(allowed)[: len(seeds)]
+    return [list(seeds[i:: len(places)]) for i in range(len(places))]
+
+
+def processes_that_fit(config: Config, n_train: int, wanted: int, available: int | None) -> int:
+    """How many of ``wanted`` workers fit in ``training.MEMORY_SHARE`` of the ``available``
+    bytes (unknown: all), each holding the data and one seed (``training.seed_memory``).
+    ConfigError when not even one fits in all of it."""
+    if available is None:
+        return wanted
+    each, shared = training.seed_memory(config, n_train)
+    if each + shared > available:
+        raise training.one_seed_too_large(each + shared, available)
+    return max(1, min(wanted, int(training.MEMORY_SHARE * available // (each + shared))))
+
+
+def places(config: Config, seeds: Sequence[int], n_train: int) -> list[list[int]] | None:
+    """``plan`` for this process, its backend and the cores it may use, on as many cores
+    as fit in memory (``processes_that_fit``); None to train the seeds in one program."""
+    import jax
+
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    planned = plan(seeds, config, jax.default_backend(), jax.process_count(), allowed)
+    if planned is None:
+        return None
+    fit = processes_that_fit(config, n_train, len(planned), training.available_memory())
+    return plan(seeds, config, jax.default_backend(), jax.process_count(), set(sorted(allowed)[:fit]))
+
+
+def worker_command(core: int, seeds: list[int], config: Config, workdir: Path, resume: bool, report: Path) -> list[str]:
+    """The command line of the worker that trains ``seeds`` on ``core``."""
+    return [sys.executable, "-m", "lenet_jax.spread", "--core", str(core), "--seeds", ",".join(map(str, seeds)),
+            "--workdir", str(workdir), "--config", json.dumps(config.to_dict()), "--report", str(report),
+            "--parent", str(os.getpid()), *(["--resume"] if resume else [])]
+
+
+def fit_spread(config: Config, places: list[list[int]], workdir: Path | RunFolder, resume: bool = False,
+               say: Callable[[str], None] = print, stop: Callable[[], bool] = lambda: False) -> list[SeedOutcome]:
+    """Train each core's seeds (``plan``) in a worker process of its own on that core,
+    into ``workdir/seed-S`` (``workdir`` held by the caller); the outcome of every seed
+    that started, in the order the seeds were planned from. ``stop`` is asked while they
+    run; when it says yes every worker is asked to stop (SIGTERM) and saves where it is;
+    a seed not yet started gets an empty folder, which ``--resume`` trains. Raises
+    ``Diverged`` or ``WorkerFailed`` when a worker fails, after the others have stopped
+    cleanly."""
+    root = workdir.path if isinstance(workdir, RunFolder) else Path(workdir)
+    order = [places[k % len(places)][k // len(places)] for k in range(sum(map(len, places)))]
+    check_layout(root, order, several=True, resume=resume)
+    on = sorted(os.sched_getaffinity(0))[: len(places)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
+    say("seeds " + "; ".join(f"{','.join(map(str, s))} on core {c}" for c, s in zip(on, places))
+        + ": a process per core, its seeds one after the other")
+    with tempfile.TemporaryDirectory(prefix="lenet-jax-spread-") as reports:
+        paths = [Path(reports) / f"core-{core}.json" for core in on]
+        workers = [subprocess.Popen(worker_command(core, seeds, config, root, resume, path), env=env, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+                   for core, seeds, path in zip(on, places, paths)]
+        try:
+            codes = _supervise(workers, stop)
+        finally:
+            for worker in workers:  # an error in the command itself: no worker outlives it
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM)
+                    worker.wait()
+        outcomes = {o["seed"]: SeedOutcome(**o) for path in paths if path.is_file() for o in json.loads(path.read_text())}
+    if len(outcomes) < len(order) and holds_checkpoints(root):
+        for seed in order:  # an empty folder each: --resume trains them
+            with contextlib.suppress(OSError):
+                (root / SEED_FOLDER.format(seed)).mkdir(exist_ok=True)
+    failed = [(seeds, code) for seeds, code in zip(places, codes) if code != 0]
+    if failed:
+        named = "; ".join(f"seed(s) {','.join(map(str, s))}: exit code {code}" for s, code in failed)
+        error = Diverged if any(code == 1 for _, code in failed) else WorkerFailed
+        raise error(f"{named} (its error is above); every other seed still training stopped with a checkpoint")
+    return [outcomes[s] for s in order if s in outcomes]
+
+
+def _supervise(workers: list[subprocess.Popen], stop: Callable[[], bool]) -> list[int]:
+    """Wait for every worker, passing a stop request on once, and asking the others to
+    stop when one fails; each worker's exit code, 0 for one asked to stop before its
+    training started (``STOPPED_BEFORE_TRAINING``)."""
+    asked: set[int] = set()
+    while any([w.poll() is None for w in workers]):  # every worker polled, each time
+        failed = any(w.returncode not in (None, 0) for w in workers)
+        if not asked and (stop() or failed):
+            for i, w in enumerate(workers):
+                if w.poll() is None:
+                    w.send_signal(signal.SIGTERM)
+                    asked.add(i)
+        time.sleep(POLL_SECONDS)
+    return [0 if i in asked and w.returncode in STOPPED_BEFORE_TRAINING else w.returncode for i, w in enumerate(workers)]
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGTERM when the parent ends (Linux), and end now if it already has."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        raise WorkerFailed("the command that started this worker has ended")
+
+
+def settle_on(core: int) -> None:
+    """Start JAX's CPU client as a run of its own would (its thread pool sized by every
+    allowed core), then move every thread of the process onto ``core`` for good."""
+    import jax
+
+    jax.devices()
+    cores.move_threads(core)
+
+
+def threads_cores() -> list[int]:
+    """Every core some thread of this process may run on."""
+    allowed: set[int] = set()
+    for tid in cores.thread_ids():
+        with contextlib.suppress(OSError):
+            allowed |= os.sched_getaffinity(tid)
+    return sorted(allowed)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lenet_jax.spread", description="One core's worker of train.py --seeds (internal).")
+    parser.add_argument("--core", type=int, required=True)
+    parser.add_argument("--seeds", required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--config", required=True, help="the run's config as JSON")
+    parser.add_argument("--report", type=Path, required=True, help="where the outcome of each seed goes, as JSON")
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--resume", action="store_true")
+    return parser
+
+
+@command
+def work(args: argparse.Namespace) -> int:
+    """Train the worker's seeds one after the other on its core; each seed's outcome is
+    written to ``--report`` as it ends. A stop request saves the seed in training and
+    starts no other."""
+    from lenet_jax.data import load_dataset
+    from lenet_jax.preemption import StopRequest
+    from lenet_jax.training import fit
+
+    with StopRequest(say=_prefixed(f"seeds {args.seeds}: ", sys.stderr)) as stop:
+        die_with_parent(args.parent)
+        settle_on(args.core)
+        config = Config.from_dict(json.loads(args.config)).validate()
+        dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=lambda message: None)
+        outcomes: list[dict[str, Any]] = []
+        with stop.asking():
+            for seed in map(int, args.seeds.split(",")):
+                if stop():
+                    break
+                say = _prefixed(f"seed {seed}: ")
+                result = fit(config.replace(seed=seed), dataset, args.workdir / f"seed-{seed}", resume=args.resume, log=say,
+                             progress=False, stop=stop)
+                outcomes.append({"seed": seed, "history": result.history, "finished": result.finished, "cores": threads_cores()})
+                args.report.write_text(json.dumps(outcomes))
+    return 0
+
+
+def _prefixed(prefix: str, stream: Any = None) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        print("\n".join(prefix + line for line in message.splitlines()), file=stream or sys.stdout, flush=True)
+
+    return say
+
+
+def main(argv: list[str] | None = None) -> int:
+    return work(_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Several seeds spread over the CPU's cores (lenet_jax/spread.py): which runs are spread
+and how, the parent's handling of its workers, and, on real workers, that each seed is
+trained on its own core exactly as its own run, across a stop and a resume."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lenet_jax import spread, training
+from lenet_jax.cli.train import main as train_main
+from lenet_jax.config import Config
+from lenet_jax.errors import ConfigError, Diverged
+from lenet_jax.fileio import claim
+from lenet_jax.runs import restore_run
+from lenet_jax.training import fit
+
+from conftest import QUIET, one_line
+
+PAPER = Config()
+
+
+def test_plan_gives_each_allowed_core_its_share_of_the_seeds_in_turn():
+    assert spread.plan([0, 1, 2], PAPER, "cpu", 1, {0, 1}) == [[0, 2], [1]]
+    assert spread.plan([7, 3], PAPER, "cpu", 1, {5, 2, 9}) == [[7], [3]]  # as many cores as seeds, the lowest allowed
+    assert spread.plan([0, 1, 2, 3, 4], PAPER, "cpu", 1, {0, 1, 2}) == [[0, 3], [1, 4], [2]]
+
+
+@pytest.mark.parametrize("seeds, config, backend, processes, allowed", [
+    ([0, 1], PAPER, "gpu", 1, {0, 1}),                            # an accelerator: the seeds share it in one program
+    ([0, 1], PAPER.replace(batch_size=2), "cpu", 1, {0, 1}),      # batch > 1 uses every core in one program
+    ([0], PAPER, "cpu", 1, {0, 1}),                               # one seed: nothing to spread
+    ([0, 1], PAPER, "cpu", 2, {0, 1}),                            # several processes (a cluster)
+    ([0, 1], PAPER.replace(devices=2), "cpu", 1, {0, 1}),         # data parallelism asked for
+    ([0, 1], PAPER, "cpu", 1, {3}),                               # one core allowed (a user's taskset)
+])
+def test_plan_leaves_every_other_run_to_one_program(seeds, config, backend, processes, allowed):
+    assert spread.plan(seeds, config, backend, processes, allowed) is None
+
+
+def test_as_many_workers_as_fit_in_memory():
+    each, shared = training.seed_memory(PAPER, 60_000)
+    one = each + shared
+    assert spread.processes_that_fit(PAPER, 60_000, 4, None) == 4  # memory unknown
+    assert spread.processes_that_fit(PAPER, 60_000, 4, int(3.5 * one / training.MEMORY_SHARE)) == 3
+    assert spread.processes_that_fit(PAPER, 60_000, 4, one) == 1
+    with pytest.raises(ConfigError, match="--seeds: one seed needs about"):
+        spread.processes_that_fit(PAPER, 60_000, 4, one - 1)
+
+
+# --------------------------------------------------------------------------- the parent, with stand-in workers
+
+
+def standing_in(monkeypatch, ready: Path, codes: dict[int, int | None]) -> None:
+    """Workers that are plain Python: core C's runs until SIGTERM, then exits 0 (None),
+    or exits with ``codes[C]`` once core 0's is running. Each says it runs with a file in ``ready``."""
+    ready.mkdir()
+    until_asked = ("import pathlib, signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+                   "pathlib.Path({mark!r}).touch()\nwhile True: time.sleep(0.01)")
+    failing = "import pathlib, sys, time\nwhile not pathlib.Path({first!r}).exists(): time.sleep(0.01)\nsys.exit({code})"
+
+    def command(core, seeds, config, workdir, resume, report):
+        code, mark = codes[core], str(ready / str(core))
+        script = until_asked.format(mark=mark) if code is None else failing.format(first=str(ready / "0"), code=code)
+        return [sys.executable, "-c", script]
+
+    monkeypatch.setattr(spread, "worker_command", command)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+
+
+@pytest.mark.parametrize("code, error, message", [
+    (1, Diverged, r"^seed\(s\) 1: exit code 1 \(its error is above\)"),
+    (2, spread.WorkerFailed, r"^seed\(s\) 1: exit code 2 \(its error is above\)"),
+])
+def test_a_failed_worker_stops_the_others_and_names_its_seeds(monkeypatch, tmp_path, code, error, message):
+    standing_in(monkeypatch, tmp_path / "ready", {0: None, 1: code})  # core 0's would run for ever unless asked to stop
+    with pytest.raises(error, match=message):
+        spread.fit_spread(PAPER, [[0], [1]], tmp_path / "run", say=lambda m: None)
+
+
+def test_a_stop_request_reaches_every_worker(monkeypatch, tmp_path):
+    standing_in(monkeypatch, tmp_path / "ready", {0: None, 1: None})
+    both_running = lambda: len(list((tmp_path / "ready").iterdir())) == 2  # noqa: E731
+    assert spread.fit_spread(PAPER, [[0, 2], [1]], tmp_path / "run", say=lambda m: None, stop=both_running) == []
+
+
+# --------------------------------------------------------------------------- real workers
+
+
+def params(run: Path) -> list[np.ndarray]:
+    import jax
+
+    state, _, _ = restore_run(run, "latest", log=lambda m: None)
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_spread_seeds_are_each_their_own_run_on_their_own_core_across_a_stop(mnist, tmp_path):
+    """Three seeds on two cores, stopped once seed 0 has saved its first epoch (seed 2,
+    core 0's second, not started), then resumed: each seed's parameters are bit for bit
+    those of its own single run, and its threads ran on its core only."""
+    config = Config(epochs=3, train_subset=120, hessian_samples=20)
+    root = tmp_path / "spread"
+    first_saved = lambda: any(p.name.isdigit() for p in (root / "seed-0" / "checkpoints").glob("*"))  # noqa: E731
+    stopped = spread.fit_spread(config, [[0, 2], [1]], root, say=lambda m: None, stop=first_saved)
+    ended = {o.seed: o.finished for o in stopped}  # seed 1, on the other core, may have been starting or ending then
+    assert ended[0] is False and 2 not in ended and (root / "seed-2").is_dir() and not any((root / "seed-2").iterdir())
+    resumed = spread.fit_spread(config, [[0, 2], [1]], root, resume=True, say=lambda m: None)
+    assert [o.seed for o in resumed] == [0, 1, 2] and all(o.finished for o in resumed)
+    assert {o.seed: o.cores for o in resumed} == {0: [0], 1: [1], 2: [0]}
+    for seed in (0, 1, 2):
+        alone = fit(config.replace(seed=seed), mnist, tmp_path / f"alone-{seed}", **QUIET)
+        assert [r["test_error"] for r in alone.history] == [r["test_error"] for r in resumed[seed].history]
+        for a, b in zip(params(root / f"seed-{seed}"), params(alone.workdir)):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_worker_that_cannot_start_fails_the_command_and_the_other_saves(mnist, tmp_path):
+    config = Config(epochs=4, train_subset=120, hessian_samples=20)
+    root = tmp_path / "spread"
+    with claim(root / "seed-1"):  # another command holds seed 1's folder
+        with pytest.raises(spread.WorkerFailed, match=r"seed\(s\) 1: exit code 2"):
+            spread.fit_spread(config, [[0], [1]], root, say=lambda m: None)
+    rows = (root / "seed-0" / "metrics.jsonl").read_text().splitlines() if (root / "seed-0" / "metrics.jsonl").exists() else []
+    assert len(rows) < 4  # stopped, not trained to the end
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_one_program_is_refused_without_seeds(tmp_path, capsys):
+    assert "--one-program is for --seeds" in one_line(capsys, train_main(["--one-program", "--workdir", str(tmp_path / "x")]))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_the_command_spreads_its_seeds_unless_asked_for_one_program(mnist, tmp_path, capfd):
+    base = ["--seeds", "0,1", "--epochs", "1", "--train-subset", "60", "--hessian-samples", "10", "--no-progress"]
+    assert train_main([*base, "--workdir", str(tmp_path / "spread")]) == 0
+    out = capfd.readouterr().out
+    assert "seeds 0 on core 0; 1 on core 1: a process per core" in out and "seed 1: epoch   1" in out
+    assert train_main([*base, "--one-program", "--workdir", str(tmp_path / "one")]) == 0
+    out = capfd.readouterr().out
+    assert "on core" not in out and "seeds 0,1" in out  # the one program's first line names both seeds
