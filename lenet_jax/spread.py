@@ -68,12 +68,14 @@ class SeedOutcome:
     """The cores its process's threads could run on when it ended."""
 
 
-def plan(seeds: Sequence[int], config: Config, backend: str, processes: int, allowed: set[int] | None = None) -> list[list[int]] | None:
+def plan(seeds: Sequence[int], config: Config, backend: str, processes: int, allowed: set[int] | None = None,
+         local_devices: int = 1) -> list[list[int]] | None:
     """The seeds of each allowed core, in core order (seed i goes to core i mod N), or
-    None to train the seeds in one program: only on the CPU, in one process on one
-    device, at batch 1, for several seeds, on Linux, with more than one core allowed (a
-    user's own ``taskset`` to one core is left alone)."""
-    if backend != "cpu" or processes != 1 or config.devices > 1 or config.batch_size != 1 or len(seeds) < 2:
+    None to train the seeds in one program: only on the CPU, in one process with one
+    device (several CPU devices are a user's own XLA flag, left alone), at batch 1, for
+    several seeds, on Linux, with more than one core allowed (a user's own ``taskset``
+    to one core is left alone too)."""
+    if backend != "cpu" or processes != 1 or local_devices != 1 or config.devices > 1 or config.batch_size != 1 or len(seeds) < 2:
         return None
     if allowed is None:
         if not hasattr(os, "sched_getaffinity") or not cores.TASKS.is_dir():
@@ -103,11 +105,12 @@ def places(config: Config, seeds: Sequence[int], n_train: int) -> list[list[int]
     import jax
 
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-    planned = plan(seeds, config, jax.default_backend(), jax.process_count(), allowed)
+    where = (jax.default_backend(), jax.process_count())
+    planned = plan(seeds, config, *where, allowed, jax.local_device_count())
     if planned is None:
         return None
     fit = processes_that_fit(config, n_train, len(planned), training.available_memory())
-    return plan(seeds, config, jax.default_backend(), jax.process_count(), set(sorted(allowed)[:fit]))
+    return plan(seeds, config, *where, set(sorted(allowed)[:fit]))
 
 
 def worker_command(core: int, seeds: list[int], config: Config, workdir: Path, resume: bool, report: Path) -> list[str]:

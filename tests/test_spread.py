@@ -42,6 +42,10 @@ def test_plan_leaves_every_other_run_to_one_program(seeds, config, backend, proc
     assert spread.plan(seeds, config, backend, processes, allowed) is None
 
 
+def test_plan_leaves_several_cpu_devices_to_one_program():
+    assert spread.plan([0, 1], PAPER, "cpu", 1, {0, 1}, local_devices=2) is None  # XLA_FLAGS asked for them
+
+
 def test_as_many_workers_as_fit_in_memory():
     each, shared = training.seed_memory(PAPER, 60_000)
     one = each + shared
