@@ -68,19 +68,15 @@ class SeedOutcome:
     """The cores its process's threads could run on when it ended."""
 
 
-def plan(seeds: Sequence[int], config: Config, backend: str, processes: int, allowed: set[int] | None = None,
+def plan(seeds: Sequence[int], config: Config, backend: str, processes: int, allowed: set[int],
          local_devices: int = 1) -> list[list[int]] | None:
     """The seeds of each allowed core, in core order (seed i goes to core i mod N), or
     None to train the seeds in one program: only on the CPU, in one process with one
     device (several CPU devices are a user's own XLA flag, left alone), at batch 1, for
-    several seeds, on Linux, with more than one core allowed (a user's own ``taskset``
-    to one core is left alone too)."""
+    several seeds, with more than one core ``allowed`` (a user's own ``taskset`` to one
+    core is left alone too)."""
     if backend != "cpu" or processes != 1 or local_devices != 1 or config.devices > 1 or config.batch_size != 1 or len(seeds) < 2:
         return None
-    if allowed is None:
-        if not hasattr(os, "sched_getaffinity") or not cores.TASKS.is_dir():
-            return None
-        allowed = os.sched_getaffinity(0)
     if len(allowed) < 2:
         return None
     places = sorted(allowed)[: len(seeds)]
@@ -104,7 +100,7 @@ def places(config: Config, seeds: Sequence[int], n_train: int) -> list[list[int]
     as fit in memory (``processes_that_fit``); None to train the seeds in one program."""
     import jax
 
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") and cores.TASKS.is_dir() else set()  # Linux
     where = (jax.default_backend(), jax.process_count())
     planned = plan(seeds, config, *where, allowed, jax.local_device_count())
     if planned is None:
