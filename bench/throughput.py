@@ -1,7 +1,8 @@
 """Throughput of lenet-jax on real MNIST, on whatever JAX backend is present.
 
-  train_b1       batch-1 SDLM updates (the paper's mode), --samples per repeat, on one core
-                 as the training loop runs them (lenet_jax.cores)
+  train_b1       batch-1 SDLM updates (the paper's mode), --samples per repeat, as train.py
+                 runs them: on the CPU in a process of its own with XLA's pool of one
+                 thread (lenet_jax.cores), as is the refresh and --pass
   train_b256     batch-256 SGD over one epoch (234 updates)
   train_b4096    batch-4096 SGD over one epoch (on accelerators, or with --large-batch)
   infer_b1000    the 10,000 test images in batches of 1,000
@@ -20,8 +21,12 @@ Rates are the best and the median of --repeats timed runs after a warm-up.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -53,7 +58,10 @@ def _compile(jitted: Any, *args: Any, **static: Any) -> tuple[Any, float]:
 
 
 def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", precision: str = "float32",
-            estimator: str = "paper", large_batch: bool | None = None, full_pass: bool = False, n_seeds: int = 0) -> dict[str, Any]:
+            estimator: str = "paper", large_batch: bool | None = None, full_pass: bool = False, n_seeds: int = 0,
+            part: str = "all") -> dict[str, Any]:
+    """The rates of ``part``: "batch1" (train_b1, sdlm_refresh and paper_pass: what a
+    batch-1 run computes), "other" (the rest) or "all"."""
     ds = common.mnist()
     images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)  # as training holds them
     test_images, test_labels = jax.device_put(ds.test_images), jax.device_put(ds.test_labels)
@@ -79,15 +87,46 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
         return state
 
     sdlm = Config(batch_size=1, conv_impl=conv_impl, precision=precision, hessian_estimator=estimator)
-    state = train("train_b1", sdlm, epoch_batches(0, 1, n, 1)[:samples], samples)
+    batch1, other = part in ("all", "batch1"), part in ("all", "other")
+    state = create_state(sdlm, n)
+    if batch1:
+        state = train("train_b1", sdlm, epoch_batches(0, 1, n, 1)[:samples], samples)
+        pick, key = curvature_sample(sdlm, 1, n)
+        static = dict(estimator=estimator, model=curvature_model(sdlm), objective=sdlm.objective, probes=sdlm.hutchinson_probes)
+        refresh, compile_s["sdlm_refresh"] = _compile(estimate_hessian, state.params, images, labels, pick, key, **static)
+        wait(refresh(state.params, images, labels, pick, key))
+        seconds = common.repeat(lambda: refresh(state.params, images, labels, pick, key), repeats, wait)
+        results["sdlm_refresh"] = {"best": min(seconds), "median": sorted(seconds)[len(seconds) // 2], "unit": "s"}
+    if other:
+        measure_other(results, compile_s, train, state, sdlm, test_images, test_labels, images, labels, n, samples, repeats,
+                      conv_impl, precision, large_batch, n_seeds)
+    if batch1 and full_pass:
+        batches = epoch_batches(0, 2, n, 1)
+        whole, compile_s["paper_pass"] = _compile(compiled_train_chunk, state, images, labels, batches, keys, objective=sdlm.objective)
+        t0 = time.perf_counter()
+        state = wait(common.refresh_curvature(state, images, labels, sdlm, 2))
+        t1 = time.perf_counter()
+        state, _ = wait(whole(state, images, labels, batches, keys))
+        t2 = time.perf_counter()
+        results["paper_pass"] = {"best": t2 - t0, "median": t2 - t0, "unit": "s", "refresh_s": t1 - t0, "updates_per_s": n / (t2 - t1)}
 
-    pick, key = curvature_sample(sdlm, 1, n)
-    static = dict(estimator=estimator, model=curvature_model(sdlm), objective=sdlm.objective, probes=sdlm.hutchinson_probes)
-    refresh, compile_s["sdlm_refresh"] = _compile(estimate_hessian, state.params, images, labels, pick, key, **static)
-    wait(refresh(state.params, images, labels, pick, key))
-    seconds = common.repeat(lambda: refresh(state.params, images, labels, pick, key), repeats, wait)
-    results["sdlm_refresh"] = {"best": min(seconds), "median": sorted(seconds)[len(seconds) // 2], "unit": "s"}
+    device = jax.devices()[0]
+    settings = {"conv_impl": conv_impl_for(sdlm), "conv_impl_inference": conv_impl_for(sdlm, inference=True),
+                "precision": precision, "estimator": estimator, "repeats": repeats, "b1_samples": samples}
+    notes = []
+    if batch1:
+        b1_pass = n / results["train_b1"]["best"] + results["sdlm_refresh"]["best"]
+        notes.append(f"a batch-1 SDLM pass of {n:,} at the best rate: {b1_pass:.1f} s, "
+                     f"the refresh {results['sdlm_refresh']['best'] / b1_pass:.1%} of it")
+    return common.result(f"jax {jax.__version__}", jax.default_backend(), None if device.platform == "cpu" else device.device_kind,
+                         settings, results, compile_s, notes)
 
+
+def measure_other(results: dict[str, Any], compile_s: dict[str, float], train: Callable[..., Any], state: Any, sdlm: Config,
+                  test_images: jax.Array, test_labels: jax.Array, images: jax.Array, labels: jax.Array, n: int, samples: int,
+                  repeats: int, conv_impl: str, precision: str, large_batch: bool | None, n_seeds: int) -> None:
+    """The larger batches, inference and (with ``n_seeds``) several seeds in one program, into ``results``."""
+    wait = jax.block_until_ready
     for batch in (256, 4096) if (large_batch if large_batch is not None else jax.default_backend() != "cpu") else (256,):
         config = Config(batch_size=batch, optimizer="sgd", schedule="constant", conv_impl=conv_impl, precision=precision)
         batches = epoch_batches(0, 1, n, batch)
@@ -97,7 +136,7 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
     dynamic = dict(params=state.params, images=test_images, labels=test_labels)
     infer, compile_s["infer_b1000"] = _compile(evaluate_arrays, **dynamic, apply_fn=infer_fn, objective=sdlm.objective, batch_size=1000)
     wait(infer(**dynamic))
-    results["infer_b1000"] = common.rate(common.repeat(lambda: infer(**dynamic), repeats, wait), len(ds.test_labels))
+    results["infer_b1000"] = common.rate(common.repeat(lambda: infer(**dynamic), repeats, wait), test_labels.shape[0])
 
     if n_seeds:
         seeds = list(range(n_seeds))
@@ -115,24 +154,6 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
             seconds.append(time.perf_counter() - t0)
         results[f"train_b1_x{n_seeds}"] = common.rate(seconds, samples * n_seeds, "seed-updates/s")
 
-    if full_pass:
-        batches = epoch_batches(0, 2, n, 1)
-        whole, compile_s["paper_pass"] = _compile(compiled_train_chunk, state, images, labels, batches, keys, objective=sdlm.objective)
-        t0 = time.perf_counter()
-        state = wait(common.refresh_curvature(state, images, labels, sdlm, 2))
-        t1 = time.perf_counter()
-        state, _ = wait(whole(state, images, labels, batches, keys))
-        t2 = time.perf_counter()
-        results["paper_pass"] = {"best": t2 - t0, "median": t2 - t0, "unit": "s", "refresh_s": t1 - t0, "updates_per_s": n / (t2 - t1)}
-
-    device = jax.devices()[0]
-    settings = {"conv_impl": conv_impl_for(sdlm), "conv_impl_inference": conv_impl_for(sdlm, inference=True),
-                "precision": precision, "estimator": estimator, "repeats": repeats, "b1_samples": samples}
-    b1_pass = n / results["train_b1"]["best"] + results["sdlm_refresh"]["best"]
-    notes = [f"a batch-1 SDLM pass of {n:,} at the best rate: {b1_pass:.1f} s, "
-             f"the refresh {results['sdlm_refresh']['best'] / b1_pass:.1%} of it"]
-    return common.result(f"jax {jax.__version__}", jax.default_backend(), None if device.platform == "cpu" else device.device_kind,
-                         settings, results, compile_s, notes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,8 +169,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pass", dest="full_pass", action="store_true", help="also time one whole pass of the paper's training")
     parser.add_argument("--seeds", "--replicas", type=int, default=0, dest="seeds",
                         help="also batch-1 SDLM for this many seeds in one compiled program (--replicas: its earlier name)")
+    parser.add_argument("--part", choices=("batch1", "other"), help=argparse.SUPPRESS)  # one process of two (below)
     args = parser.parse_args(argv)
-    result = measure(args.samples, args.repeats, args.conv_impl, args.precision, args.estimator, args.large_batch, args.full_pass, args.seeds)
+    options = (args.samples, args.repeats, args.conv_impl, args.precision, args.estimator, args.large_batch, args.full_pass, args.seeds)
+    if args.part:
+        cores.start_jax(one_thread=args.part == "batch1")
+        result = measure(*options, part=args.part)
+    elif cores.one_thread_applies():  # train.py's batch-1 runs start XLA with one thread, the others with one per core
+        done = subprocess.run([sys.executable, "-m", "bench.throughput", *(argv if argv is not None else sys.argv[1:]), "--json",
+                               "--part", "batch1"], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"error: the batch-1 measurement failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+        batch1 = json.loads(done.stdout.strip().splitlines()[-1])
+        cores.start_jax(one_thread=False)
+        result = measure(*options, part="other")
+        result["results"] = batch1["results"] | result["results"]
+        result["compile_s"] = batch1["compile_s"] | result["compile_s"]
+        result["notes"] = batch1["notes"] + result["notes"]
+        result["settings"]["xla_threads"] = f"1 at batch 1, {len(os.sched_getaffinity(0))} for the rest"
+    else:
+        result = measure(*options)
     common.emit(result, args.json)
 
 

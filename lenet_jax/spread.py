@@ -1,17 +1,16 @@
 """Several seeds on several CPU cores: ``train.py --seeds`` at batch 1 gives each core a
 process of its own and a share of the seeds.
 
-At batch 1 a seed trains fastest with every thread of its process on one core
-(``lenet_jax.cores``), so a CPU with N cores trains N seeds in about the time of one. One
-process cannot do this with several CPU devices: XLA's CPU client runs all of them on one
-shared thread pool. So each core gets a worker process (``python -m lenet_jax.spread``)
-that starts JAX as a run of its own would (the same thread pool, sized by the cores the
-command may use), then moves all of its threads onto its core, and trains its seeds one
-after the other, each exactly as ``train.py --seed S --workdir WORKDIR/seed-S`` does: the
-same compiled program on the same pool, so the same parameters bit for bit (a pool of
-another size splits the work, and the sums, otherwise). A core with two seeds takes twice
-as long as one with one; the two in one program on that core took as long (measured), and
-would no longer each be its own run.
+At batch 1 a seed trains fastest on one thread (``lenet_jax.cores``), so a CPU with N
+cores trains N seeds in about the time of one. One process cannot do this with several
+CPU devices: XLA's CPU client gives them one shared pool of as many threads as devices.
+So each core gets a worker process (``python -m lenet_jax.spread``) held to that core
+before JAX starts, so that its pool has one thread, as a single run's has, and it trains
+its seeds one after the other, each exactly as ``train.py --seed S --workdir
+WORKDIR/seed-S`` does: the same compiled program on a pool of the same size, so the same
+parameters bit for bit (a pool of another size splits the work, and the sums,
+otherwise). A core with two seeds takes twice as long as one with one; the two in one
+program on that core took as long (measured), and would no longer each be its own run.
 
 The command (the parent) holds ``WORKDIR``'s lock and passes a stop request on: on
 SIGTERM/SIGINT every worker saves where it is and starts no further seed; a second
@@ -185,12 +184,13 @@ def die_with_parent(parent: int) -> None:
 
 
 def settle_on(core: int) -> None:
-    """Start JAX's CPU client as a run of its own would (its thread pool sized by every
-    allowed core), then move every thread of the process onto ``core`` for good."""
-    import jax
-
-    jax.devices()
-    cores.move_threads(core)
+    """Hold every thread of the process (those the imports started included) to ``core``
+    for good, then start JAX: XLA's CPU pool gets one thread, as a single run's does
+    (``cores.start_jax``), and its threads inherit the core."""
+    for tid in cores.thread_ids():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, {core})
+    cores.start_jax(one_thread=False)
 
 
 def threads_cores() -> list[int]:

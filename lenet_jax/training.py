@@ -442,7 +442,7 @@ def _train_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state
     bs, r = config.batch_size, len(seed_runs)
     bar = tqdm(total=updates * bs * r, initial=first * bs * r, desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not ctl.progress, leave=False)
     done = first
-    core = cores.batch1_core(jax.default_backend(), bs, r)  # at batch 1 one core is faster than all (lenet_jax.cores)
+    core = cores.batch1_core(jax.default_backend(), bs, r)  # a pool of several threads: faster on one core (lenet_jax.cores)
     with cores.pinned(core):
         try:
             within = config.refreshes_within(epoch, updates) if uses_curvature(state.opt_state) else []

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lenet_jax import cores
 from lenet_jax.data import Dataset, idx_files, load_dataset
 from lenet_jax.model import LeNet5, init_params
 
@@ -34,6 +35,10 @@ QUIET = dict(log=lambda m: None, progress=False)
 # reference products (dense Jacobians, numpy-free comparisons) to exact float32 too, so
 # the tolerances below hold on GPUs and TPUs, whose default is reduced precision.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The tests' own runs compute as train.py's batch-1 runs do, on XLA's CPU pool of one
+# thread (lenet_jax.cores), so that their parameters and a command's compare bit for bit.
+cores.start_jax(one_thread=True)
 
 
 # --------------------------------------------------------------------------- data

@@ -1,20 +1,106 @@
-"""The batch-1 path's threads (lenet_jax.cores): pinned to one core while its chunks run,
-every core again for the rest; larger batches, several seeds and accelerators untouched."""
+"""The batch-1 path's threads (lenet_jax.cores): a command's XLA CPU pool of one thread,
+the same numbers on one core as on all, and in a process with a larger pool the threads
+pinned to one core while its chunks run; larger batches, several seeds, several devices
+and accelerators untouched."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 
+import jax
+import numpy as np
 import pytest
 
 from lenet_jax import cores, updates
 from lenet_jax.config import Config
+from lenet_jax.runs import restore_run
 from lenet_jax.training import fit
 
-from conftest import QUIET, small
+from conftest import QUIET, ROOT, small
 
 ALLOWED = os.sched_getaffinity(0)
+TWO_CORES = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs two cores")
+
+POOL = """
+import collections, json, os, sys
+if sys.argv[2]:
+    os.sched_setaffinity(0, {int(sys.argv[2])})
+from lenet_jax import cores
+got = cores.start_jax(one_thread=sys.argv[1] == "one")
+names = collections.Counter(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+print(json.dumps({"got": got, "eigen": names["tf_XLAEigen"], "allowed": sorted(os.sched_getaffinity(0)),
+                  "each": sorted(sorted(os.sched_getaffinity(t)) for t in cores.thread_ids())[-1]}))
+"""
+
+
+ON_CORE = "import os, runpy, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+"""Runs a script held to one core from its start, as ``taskset -c N`` would."""
+
+
+def pool(which: str, core: int | None = None, **env: str) -> dict:
+    """What ``start_jax`` did in a fresh process (held to ``core`` from its start, if given):
+    whether it sized one thread, XLA's Eigen threads counted by name, and the cores the
+    process and its threads may use after."""
+    done = subprocess.run([sys.executable, "-c", POOL, which, "" if core is None else str(core)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"} | env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@TWO_CORES
+def test_a_command_at_batch_1_starts_xla_with_one_thread_and_keeps_every_core():
+    one, usual = pool("one"), pool("all")
+    assert one == {"got": True, "eigen": 1, "allowed": sorted(ALLOWED), "each": sorted(ALLOWED)}
+    assert usual == {"got": False, "eigen": len(ALLOWED), "allowed": sorted(ALLOWED), "each": sorted(ALLOWED)}
+    core = max(ALLOWED)  # the user's own taskset: one core, and one thread, already
+    assert pool("one", core) == {"got": False, "eigen": 1, "allowed": [core], "each": [core]}
+
+
+@TWO_CORES
+@pytest.mark.parametrize("env", [{"JAX_PLATFORMS": "cuda,cpu"}, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}],
+                         ids=["an accelerator may be used", "several CPU devices"])
+def test_the_pool_is_left_to_xla_where_one_thread_does_not_apply(env):
+    if "JAX_PLATFORMS" in env:  # no accelerator here: ask the question alone, without starting JAX on a platform it lacks
+        done = subprocess.run([sys.executable, "-c", "from lenet_jax import cores; print(cores.one_thread_applies())"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, **env))
+        assert done.stdout.strip() == "False", done.stderr[-2000:]
+        return
+    assert pool("one", **env) == {"got": False, "eigen": 2, "allowed": sorted(ALLOWED), "each": sorted(ALLOWED)}
+
+
+def test_a_started_backend_is_left_as_it_is():
+    jax.devices()
+    before = os.sched_getaffinity(0)
+    assert cores.one_thread_applies() is False and cores.start_jax(one_thread=True) is False
+    assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.slow
+@TWO_CORES
+def test_a_batch_1_run_computes_the_same_on_one_core_as_on_every_core(tmp_path):
+    """train.py on every core (XLA sized for one thread by the command) and under the
+    user's own ``taskset`` to one core (XLA's own choice: one thread) end with the same
+    parameters bit for bit; with XLA's pool of two threads they would not."""
+    args = ["train.py", "--epochs", "2", "--train-subset", "3000", "--hessian-samples", "50", "--no-progress"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    runs = {}
+    for name, prefix in (("all", []), ("one", ["-c", ON_CORE, str(max(ALLOWED))])):
+        done = subprocess.run([sys.executable, *prefix, *args, "--workdir", str(tmp_path / name)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = done.stdout
+    assert "threads: one XLA thread on the CPU" in runs["all"] and "threads:" not in runs["one"]
+    for a, b in zip(saved_params(tmp_path / "all"), saved_params(tmp_path / "one")):
+        np.testing.assert_array_equal(a, b)
+
+
+def saved_params(workdir) -> list[np.ndarray]:
+    state, _, _ = restore_run(workdir, "latest", log=lambda m: None)
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
 def test_pinned_moves_every_thread_to_the_core_and_back():

@@ -178,7 +178,7 @@ def train(config: Config, workdir: Path | None, resume: bool = False, progress: 
     ends; a command that fails before its first checkpoint removes what it created, and
     only that. SIGTERM/SIGINT stop training cleanly with a checkpoint (exit 0); a second
     one stops it at once; one before training starts ends the command (exit 130)."""
-    from lenet_jax import spread
+    from lenet_jax import cores, spread
     from lenet_jax.data import load_dataset
     from lenet_jax.parallel import initialize_distributed, is_primary
     from lenet_jax.preemption import StopRequest
@@ -186,6 +186,7 @@ def train(config: Config, workdir: Path | None, resume: bool = False, progress: 
 
     with StopRequest() as stop:
         initialize_distributed(distributed)
+        one_thread = cores.start_jax(one_thread=config.batch_size == 1 and not (seeds and one_program))
         primary = is_primary()
         created = workdir is None
         workdir = workdir or new_run_folder(Path("runs"), time.strftime("%Y%m%d-%H%M%S"))
@@ -193,6 +194,8 @@ def train(config: Config, workdir: Path | None, resume: bool = False, progress: 
         with claim(workdir, lock=primary, created=created, durable=holds_checkpoints) as folder:
             dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=say)
             say(f"data: {dataset.source}")
+            if one_thread:
+                say("threads: one XLA thread on the CPU, the fastest at batch 1 (lenet_jax.cores)")
             if not resume:  # a resumed run goes on with its saved options
                 config = curvature_sample_used(config, len(dataset.train_labels), say)
             places = spread.places(config, seeds, len(dataset.train_labels)) if seeds and not one_program else None
