@@ -5,11 +5,14 @@ and accelerators untouched."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import threading
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -152,3 +155,24 @@ def test_the_training_loop_runs_batch_1_chunks_on_one_core_and_the_rest_on_all(m
     pinned = {min(ALLOWED)} if batch_size == 1 and len(ALLOWED) > 1 else ALLOWED
     assert seen == [pinned, pinned]
     assert os.sched_getaffinity(0) == ALLOWED
+
+
+@pytest.mark.parametrize("platforms,expected", [("cpu", True), (" cpu ", True), ("cuda", False), ("cpu,cuda", False), ("tpu", False)])
+def test_jax_platforms_decides_whether_only_the_cpu_may_be_used(monkeypatch, platforms, expected):
+    monkeypatch.setattr(cores, "jax", SimpleNamespace(config=SimpleNamespace(jax_platforms=platforms)))
+    assert cores.only_cpu() is expected
+
+
+def test_an_installed_accelerator_plugin_means_jax_may_use_an_accelerator(monkeypatch):
+    monkeypatch.setattr(cores, "jax", SimpleNamespace(config=SimpleNamespace(jax_platforms=None)))
+    monkeypatch.delenv("PJRT_NAMES_AND_LIBRARY_PATHS", raising=False)
+    assert cores.only_cpu() is True  # this machine: JAX's CPU wheel alone
+    with monkeypatch.context() as m:
+        m.setattr(importlib.metadata, "entry_points", lambda group: [f"a plugin in {group}"])
+        assert cores.only_cpu() is False
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+        assert cores.only_cpu() is False
+    with monkeypatch.context() as m:
+        m.setenv("PJRT_NAMES_AND_LIBRARY_PATHS", "cuda:/opt/libcuda_plugin.so")
+        assert cores.only_cpu() is False
