@@ -25,6 +25,7 @@ import tempfile
 import jax
 
 from bench import common
+from lenet_jax import cores
 from lenet_jax.config import Config
 from lenet_jax.conv import CONV_IMPLS
 from lenet_jax.factories import create_state, make_model
@@ -70,6 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     bs = args.batch_size
+    cores.start_jax(one_thread=bs == 1)  # as train.py runs this batch size (lenet_jax.cores)
     config = Config(batch_size=bs, conv_impl=args.conv_impl, **({} if bs == 1 else dict(optimizer="sgd", schedule="constant")))
     ds = common.mnist()
     images, labels = jax.device_put(pad_images(ds.train_images)), jax.device_put(ds.train_labels)
