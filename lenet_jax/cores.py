@@ -2,8 +2,8 @@
 
 At batch 1 (the paper's pure stochastic updates) every operation is tiny, and XLA's CPU
 thread pool, one thread per core the process may use, costs more in hand-offs between
-its threads than it gives: the same program runs about a third faster with a pool of one
-thread (docs/speed.md). XLA sizes that pool from the cores the process may use at the
+its threads than it gives: the same program runs fastest with a pool of one thread, at
+the rate of the process alone on one core (docs/speed.md). XLA sizes that pool from the cores the process may use at the
 moment its CPU client starts, and offers no setting for it; ``start_jax`` therefore
 starts JAX's backends with the process held to one core for that moment, then gives
 every thread back the cores it had, so the pool's one thread (and evaluation, and the
