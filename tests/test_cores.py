@@ -176,3 +176,37 @@ def test_an_installed_accelerator_plugin_means_jax_may_use_an_accelerator(monkey
     with monkeypatch.context() as m:
         m.setenv("PJRT_NAMES_AND_LIBRARY_PATHS", "cuda:/opt/libcuda_plugin.so")
         assert cores.only_cpu() is False
+
+
+COPIES = """
+import json, os, re
+from lenet_jax import cores
+cores.start_jax(one_thread=True)
+import jax, jax.numpy as jnp
+from lenet_jax.config import Config
+from lenet_jax.factories import create_state
+from lenet_jax.updates import compiled_train_chunk, update_key
+config = Config(batch_size=1)
+state = create_state(config, 40)
+images, labels = jnp.zeros((40, 32, 32), jnp.uint8), jnp.arange(40, dtype=jnp.int32) % 10
+batches = jnp.arange(10, dtype=jnp.int32).reshape(10, 1)
+hlo = compiled_train_chunk.lower(state, images, labels, batches, update_key(0), objective=config.objective).compile().as_text()
+body = re.search(r"while\\(.*?body=%?([\\w.\\-]+)", hlo).group(1)
+start = hlo.index("%" + body + " (")
+text = hlo[start:hlo.index("\\n}\\n", start)]
+print(json.dumps({"flags": os.environ.get("XLA_FLAGS", ""), "copies": len(re.findall(r"=\\s*\\S+\\s+copy\\(", text))}))
+"""
+
+
+@pytest.mark.slow
+@TWO_CORES
+@pytest.mark.parametrize("user_flags", [None, "--xla_cpu_copy_insertion_use_region_analysis=false"])
+def test_a_one_thread_start_lets_the_batch_1_loop_update_in_place_unless_the_user_said_otherwise(user_flags):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"} | ({"XLA_FLAGS": user_flags} if user_flags else {})
+    done = subprocess.run([sys.executable, "-c", COPIES], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if user_flags is None:
+        assert out == {"flags": " ".join(cores.ONE_THREAD_FLAGS), "copies": 0}
+    else:
+        assert out["flags"] == user_flags and out["copies"] > 0  # the user's own setting, and the kernels copied every update
