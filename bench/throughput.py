@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 
@@ -88,18 +88,41 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
 
     sdlm = Config(batch_size=1, conv_impl=conv_impl, precision=precision, hessian_estimator=estimator)
     batch1, other = part in ("all", "batch1"), part in ("all", "other")
-    state = create_state(sdlm, n)
+    state = train("train_b1", sdlm, epoch_batches(0, 1, n, 1)[:samples], samples) if batch1 else create_state(sdlm, n)
     if batch1:
-        state = train("train_b1", sdlm, epoch_batches(0, 1, n, 1)[:samples], samples)
         pick, key = curvature_sample(sdlm, 1, n)
         static = dict(estimator=estimator, model=curvature_model(sdlm), objective=sdlm.objective, probes=sdlm.hutchinson_probes)
         refresh, compile_s["sdlm_refresh"] = _compile(estimate_hessian, state.params, images, labels, pick, key, **static)
         wait(refresh(state.params, images, labels, pick, key))
         seconds = common.repeat(lambda: refresh(state.params, images, labels, pick, key), repeats, wait)
         results["sdlm_refresh"] = {"best": min(seconds), "median": sorted(seconds)[len(seconds) // 2], "unit": "s"}
-    if other:
-        measure_other(results, compile_s, train, state, sdlm, test_images, test_labels, images, labels, n, samples, repeats,
-                      conv_impl, precision, large_batch, n_seeds)
+    if other:  # larger batches, inference and (with n_seeds) several seeds in one program
+        for batch in (256, 4096) if (large_batch if large_batch is not None else jax.default_backend() != "cpu") else (256,):
+            config = Config(batch_size=batch, optimizer="sgd", schedule="constant", conv_impl=conv_impl, precision=precision)
+            batches = epoch_batches(0, 1, n, batch)
+            train(f"train_b{batch}", config, batches, batches.size)
+
+        infer_fn = make_model(sdlm, inference=True).apply
+        dynamic = dict(params=state.params, images=test_images, labels=test_labels)
+        infer, compile_s["infer_b1000"] = _compile(evaluate_arrays, **dynamic, apply_fn=infer_fn, objective=sdlm.objective, batch_size=1000)
+        wait(infer(**dynamic))
+        results["infer_b1000"] = common.rate(common.repeat(lambda: infer(**dynamic), repeats, wait), test_labels.shape[0])
+
+        if n_seeds:
+            seeds = list(range(n_seeds))
+            several = Strategy.build(sdlm, n_seeds, n)
+            many = several.refresh(several.stack(create_states(sdlm, n, seeds)), images, labels, [sdlm.replace(seed=s) for s in seeds],
+                                   [None] * n_seeds, 1)
+            rb = several.stack([epoch_batches(s, 1, n, 1)[:samples] for s in seeds])
+            rk = several.stack([update_key(s) for s in seeds])
+            run, compile_s[f"train_b1_x{n_seeds}"] = _compile(seeds_train_chunk, many, images, labels, rb, rk, objective=sdlm.objective)
+            many, _ = wait(run(many, images, labels, rb, rk))
+            seconds = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                many, _ = wait(run(many, images, labels, rb, rk))
+                seconds.append(time.perf_counter() - t0)
+            results[f"train_b1_x{n_seeds}"] = common.rate(seconds, samples * n_seeds, "seed-updates/s")
     if batch1 and full_pass:
         batches = epoch_batches(0, 2, n, 1)
         whole, compile_s["paper_pass"] = _compile(compiled_train_chunk, state, images, labels, batches, keys, objective=sdlm.objective)
@@ -120,40 +143,6 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
                      f"the refresh {results['sdlm_refresh']['best'] / b1_pass:.1%} of it")
     return common.result(f"jax {jax.__version__}", jax.default_backend(), None if device.platform == "cpu" else device.device_kind,
                          settings, results, compile_s, notes)
-
-
-def measure_other(results: dict[str, Any], compile_s: dict[str, float], train: Callable[..., Any], state: Any, sdlm: Config,
-                  test_images: jax.Array, test_labels: jax.Array, images: jax.Array, labels: jax.Array, n: int, samples: int,
-                  repeats: int, conv_impl: str, precision: str, large_batch: bool | None, n_seeds: int) -> None:
-    """The larger batches, inference and (with ``n_seeds``) several seeds in one program, into ``results``."""
-    wait = jax.block_until_ready
-    for batch in (256, 4096) if (large_batch if large_batch is not None else jax.default_backend() != "cpu") else (256,):
-        config = Config(batch_size=batch, optimizer="sgd", schedule="constant", conv_impl=conv_impl, precision=precision)
-        batches = epoch_batches(0, 1, n, batch)
-        train(f"train_b{batch}", config, batches, batches.size)
-
-    infer_fn = make_model(sdlm, inference=True).apply
-    dynamic = dict(params=state.params, images=test_images, labels=test_labels)
-    infer, compile_s["infer_b1000"] = _compile(evaluate_arrays, **dynamic, apply_fn=infer_fn, objective=sdlm.objective, batch_size=1000)
-    wait(infer(**dynamic))
-    results["infer_b1000"] = common.rate(common.repeat(lambda: infer(**dynamic), repeats, wait), test_labels.shape[0])
-
-    if n_seeds:
-        seeds = list(range(n_seeds))
-        several = Strategy.build(sdlm, n_seeds, n)
-        many = several.refresh(several.stack(create_states(sdlm, n, seeds)), images, labels, [sdlm.replace(seed=s) for s in seeds],
-                               [None] * n_seeds, 1)
-        rb = several.stack([epoch_batches(s, 1, n, 1)[:samples] for s in seeds])
-        rk = several.stack([update_key(s) for s in seeds])
-        run, compile_s[f"train_b1_x{n_seeds}"] = _compile(seeds_train_chunk, many, images, labels, rb, rk, objective=sdlm.objective)
-        many, _ = wait(run(many, images, labels, rb, rk))
-        seconds = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            many, _ = wait(run(many, images, labels, rb, rk))
-            seconds.append(time.perf_counter() - t0)
-        results[f"train_b1_x{n_seeds}"] = common.rate(seconds, samples * n_seeds, "seed-updates/s")
-
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,9 @@
 At batch 1 (the paper's pure stochastic updates) every operation is tiny, and XLA's CPU
 thread pool, one thread per core the process may use, costs more in hand-offs between
 its threads than it gives: the same program runs fastest with a pool of one thread, at
-the rate of the process alone on one core (docs/speed.md). XLA sizes that pool from the cores the process may use at the
-moment its CPU client starts, and offers no setting for it; ``start_jax`` therefore
+the rate of the process alone on one core (docs/speed.md). XLA sizes that pool from the
+cores the process may use at the moment its CPU client starts, and offers no setting for
+it; ``start_jax`` therefore
 starts JAX's backends with the process held to one core for that moment, then gives
 every thread back the cores it had, so the pool's one thread (and evaluation, and the
 rest of the process) may run on any of them. The pool's size also decides how XLA splits
@@ -33,9 +34,6 @@ from typing import Iterator
 import jax
 
 TASKS = Path("/proc/self/task")
-ACCELERATOR_PACKAGES = ("libtpu", "jax_plugins")
-"""What JAX loads an accelerator backend from: libtpu, and the ``jax_plugins`` namespace
-package (the CUDA and ROCm plugins)."""
 DEVICE_COUNT_SETTINGS = ("xla_force_host_platform_device_count",)
 """XLA flags that give the CPU several devices, each sizing the pool for itself."""
 ONE_THREAD_FLAGS = ("--xla_cpu_copy_insertion_use_region_analysis=true",)
@@ -106,9 +104,7 @@ def start_jax(one_thread: bool) -> bool:
     try:
         jax.devices()
     finally:
-        for tid in thread_ids():
-            with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                os.sched_setaffinity(tid, allowed)
+        move_threads(allowed)
     return True
 
 
@@ -125,6 +121,17 @@ def thread_ids() -> list[int]:
     return [int(name) for name in os.listdir(TASKS) if name.isdigit()]
 
 
+def move_threads(allowed: set[int]) -> dict[int, set[int]]:
+    """Every thread of the process onto the cores ``allowed``; each moved thread's set of
+    cores before. A thread that ends meanwhile is passed over."""
+    before = {}
+    for tid in thread_ids():
+        with contextlib.suppress(OSError):  # a thread that ended between the listing and here
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, allowed)
+    return before
+
+
 @contextlib.contextmanager
 def pinned(core: int | None) -> Iterator[None]:
     """Every thread of the process on ``core`` for the block (nothing when None); each
@@ -133,11 +140,7 @@ def pinned(core: int | None) -> Iterator[None]:
     if core is None:
         yield
         return
-    before = {}
-    for tid in thread_ids():
-        with contextlib.suppress(OSError):  # a thread that ended between the listing and here
-            before[tid] = os.sched_getaffinity(tid)
-            os.sched_setaffinity(tid, {core})
+    before = move_threads({core})
     try:
         yield
     finally:

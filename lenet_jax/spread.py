@@ -187,9 +187,7 @@ def settle_on(core: int) -> None:
     """Hold every thread of the process (those the imports started included) to ``core``
     for good, then start JAX: XLA's CPU pool gets one thread, as a single run's does
     (``cores.start_jax``), and its threads inherit the core."""
-    for tid in cores.thread_ids():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            os.sched_setaffinity(tid, {core})
+    cores.move_threads({core})
     cores.start_jax(one_thread=False)
 
 
