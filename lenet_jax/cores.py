@@ -24,10 +24,12 @@ thread); other backends, platforms and a process the user already holds to one c
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata
 import importlib.util
 import os
 import pkgutil
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -147,3 +149,23 @@ def pinned(core: int | None) -> Iterator[None]:
         for tid, cores in before.items():
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(tid, cores)
+
+
+def threads_cores() -> list[int]:
+    """Every core some thread of this process may run on."""
+    allowed: set[int] = set()
+    for tid in thread_ids():
+        with contextlib.suppress(OSError):
+            allowed |= os.sched_getaffinity(tid)
+    return sorted(allowed)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent(parent: int) -> bool:
+    """Ask the kernel for SIGTERM when the parent ends (Linux's parent-death signal), for
+    a worker process; False when the parent has ended already."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == parent

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -44,7 +43,6 @@ from lenet_jax.fileio import RunFolder
 from lenet_jax.runs import check_layout
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-PR_SET_PDEATHSIG = 1
 POLL_SECONDS = 0.05
 STOPPED_BEFORE_TRAINING = (130, -signal.SIGTERM)
 """How a worker asked to stop before its training started ends: as an interrupted command
@@ -177,9 +175,7 @@ def _supervise(workers: list[subprocess.Popen], stop: Callable[[], bool]) -> lis
 
 def die_with_parent(parent: int) -> None:
     """Ask the kernel for SIGTERM when the parent ends (Linux), and end now if it already has."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
+    if not cores.end_with_parent(parent):
         raise WorkerFailed("the command that started this worker has ended")
 
 
@@ -189,15 +185,6 @@ def settle_on(core: int) -> None:
     (``cores.start_jax``), and its threads inherit the core."""
     cores.move_threads({core})
     cores.start_jax(one_thread=False)
-
-
-def threads_cores() -> list[int]:
-    """Every core some thread of this process may run on."""
-    allowed: set[int] = set()
-    for tid in cores.thread_ids():
-        with contextlib.suppress(OSError):
-            allowed |= os.sched_getaffinity(tid)
-    return sorted(allowed)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -234,7 +221,7 @@ def work(args: argparse.Namespace) -> int:
                 say = _prefixed(f"seed {seed}: ")
                 result = fit(config.replace(seed=seed), dataset, args.workdir / f"seed-{seed}", resume=args.resume, log=say,
                              progress=False, stop=stop)
-                outcomes.append({"seed": seed, "history": result.history, "finished": result.finished, "cores": threads_cores()})
+                outcomes.append({"seed": seed, "history": result.history, "finished": result.finished, "cores": cores.threads_cores()})
                 args.report.write_text(json.dumps(outcomes))
     return 0
 

@@ -10,7 +10,8 @@ positions and validation set), ``Controls`` how the loop reports and is stopped.
 
 The loop is thin: it runs the compiled chunk on each slice of the epoch's batches,
 refreshes SDLM's curvature when an epoch starts (as ``--hessian-refresh`` says), evaluates
-after the epoch, and saves. Where a seed stands is its update count
+after the epoch (or has a helper process evaluate it while the next one trains:
+``lenet_jax.alongside``), and saves. Where a seed stands is its update count
 (``checkpoint.Position``); everything random is derived from the seed and that count, so
 a run stopped anywhere resumes bit for bit.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
@@ -33,11 +36,11 @@ from tqdm.auto import tqdm
 
 from lenet_jax import checkpoint as ckpt
 from lenet_jax import cores, runs
+from lenet_jax.alongside import Helper, HelperFailed, scores
 from lenet_jax.checkpoint import CHECKPOINTS, SEED_FOLDER, Position
 from lenet_jax.config import Config
 from lenet_jax.data import Dataset, validation_split
 from lenet_jax.errors import ConfigError, Diverged
-from lenet_jax.evaluation import evaluate
 from lenet_jax.factories import create_states, make_model, resolve
 from lenet_jax.fileio import RunFolder
 from lenet_jax.inputs import pad_images
@@ -139,6 +142,7 @@ def fit(
     log: Callable[[str], None] = print,
     progress: bool = True,
     stop: Callable[[], bool] = lambda: False,
+    alongside: bool = False,
 ) -> RunResult:
     """Train ``config`` on ``dataset``: checkpoints, the metrics log and the config go to
     ``workdir`` (written by process 0 when there are several; a ``RunFolder`` the caller
@@ -146,8 +150,10 @@ def fit(
 
     ``stop`` is asked after every compiled chunk; when it says yes the run saves where it
     is (mid-epoch included) and returns, and ``resume=True`` later continues it with
-    bit-identical results."""
-    return _fit(config, [config.seed], dataset, workdir, resume, log, progress, stop, several=False)[0]
+    bit-identical results. ``alongside``: evaluate each epoch in a helper process while
+    the next one trains (``lenet_jax.alongside``; for a process whose XLA pool has one
+    thread, as ``train.py`` starts it at batch 1 on the CPU: the helper's is the same)."""
+    return _fit(config, [config.seed], dataset, workdir, resume, log, progress, stop, several=False, alongside=alongside)[0]
 
 
 # --------------------------------------------------------------------------- the memory of several seeds
@@ -326,7 +332,7 @@ def build(config: Config, seeds: list[int], updates_per_epoch: int, one_device: 
 
 def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str | RunFolder, resume: bool,
          log: Callable[[str], None], progress: bool, stop: Callable[[], bool], several: bool,
-         layout: list[int] | None = None) -> list[RunResult]:
+         layout: list[int] | None = None, alongside: bool = False) -> list[RunResult]:
     """Build, open, loop (``layout``: all of the run's seeds, when they train in groups)."""
     config = config.validate()
     positions = [training_positions(config.replace(seed=s), len(dataset.train_labels)) for s in seeds]
@@ -335,7 +341,7 @@ def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str
     say = log if is_primary() else (lambda message: None)
     with runs.open(workdir, built.configs, built.states, updates, resume, several, dataset.source, say, layout) as (opened, starts):
         experiment, seed_runs = _place(built, dataset, positions, opened, updates)
-        return _train(experiment, seed_runs, starts, Controls(say, progress and is_primary(), stop))
+        return _train(experiment, seed_runs, starts, Controls(say, progress and is_primary(), stop), alongside)
 
 
 def _place(built: Built, dataset: Dataset, positions: list[tuple[int, np.ndarray | None, np.ndarray | None]], opened: list[Run],
@@ -363,9 +369,12 @@ def _place(built: Built, dataset: Dataset, positions: list[tuple[int, np.ndarray
 # --------------------------------------------------------------------------- the loop
 
 
-def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: Controls) -> list[RunResult]:
+def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: Controls, alongside: bool = False) -> list[RunResult]:
     """The epochs from where the seeds stand to the last, each saved when it completes;
-    a stop request saves every seed where it is and returns."""
+    a stop request saves every seed where it is and returns. With ``alongside`` (one
+    seed, epochs of at least ``ALONGSIDE_MIN_UPDATES`` updates, another epoch still to
+    train) each epoch is evaluated by a helper process while the next one trains
+    (``lenet_jax.alongside``), and saved when its scores are back."""
     config, s = exp.config, exp.strategy
     state = put_replicated(s.stack([start.state for start in starts]), exp.mesh)  # placed as the data is: one compiled program
     histories = [start.history for start in starts]
@@ -380,22 +389,86 @@ def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: 
         if _end_epoch(exp, ctl, seed_runs, state, histories, start, [st.totals for st in starts], saved=True):
             return results(start)
     first = start.epoch + 1 if start.complete else start.epoch
+    spare = _spare_cores(config) if alongside and len(seed_runs) == 1 and first < config.epochs else set()
+    wanted = bool(spare) and exp.updates_per_epoch >= ALONGSIDE_MIN_UPDATES
+    helper: Helper | None = None
+    pending: tuple[Position, list[dict[str, float]], TrainState] | None = None
+
+    def settle(wait: bool) -> None:
+        """End the epoch the helper evaluates, once its scores are back (``wait``: now).
+        The helper starts at the first call, after a chunk: while the run compiles, its
+        start would slow the compiling down."""
+        nonlocal pending, helper, wanted
+        if wanted:
+            wanted, helper = False, _start_helper(exp, seed_runs, ctl, spare)
+        if pending is None or not (wait or helper is None or helper.ready()):
+            return
+        (position, totals, kept), pending = pending, None
+        scored = None
+        if helper is not None:
+            try:
+                scored = helper.result()
+            except HelperFailed as e:
+                helper = _give_up(helper, e, ctl)
+        _end_epoch(exp, ctl, seed_runs, kept, histories, position, totals, saved=False, scored=scored)
+
     position = start
-    for epoch in range(first, config.epochs + 1):
-        resumed = epoch == start.epoch
-        totals = [st.totals for st in starts] if resumed else [zero_totals() for _ in seed_runs]
-        state, totals, done = _train_epoch(exp, ctl, seed_runs, state, epoch, start.update if resumed else 0, totals)
-        position = Position(epoch, done, exp.updates_per_epoch)
-        if not position.complete:
-            _save_all(exp, seed_runs, state, histories, position, [{"totals": t} for t in totals])
-            ctl.say(f"stopped in epoch {epoch} after {done:,} of {exp.updates_per_epoch:,} updates; {_where(seed_runs)}")
-            return results(position)
-        if _end_epoch(exp, ctl, seed_runs, state, histories, position, totals, saved=False):
-            return results(position)
-        if epoch < config.epochs and ctl.stop():
-            ctl.say(f"stopped after epoch {epoch}; {_where(seed_runs)}")
-            return results(position)
-    return results(position)
+    try:
+        for epoch in range(first, config.epochs + 1):
+            resumed = epoch == start.epoch
+            totals = [st.totals for st in starts] if resumed else [zero_totals() for _ in seed_runs]
+            state, totals, done = _train_epoch(exp, ctl, seed_runs, state, epoch, start.update if resumed else 0, totals, settle)
+            settle(wait=True)
+            position = Position(epoch, done, exp.updates_per_epoch)
+            if not position.complete:
+                _save_all(exp, seed_runs, state, histories, position, [{"totals": t} for t in totals])
+                ctl.say(f"stopped in epoch {epoch} after {done:,} of {exp.updates_per_epoch:,} updates; {_where(seed_runs)}")
+                return results(position)
+            if helper is not None and epoch < config.epochs:
+                try:
+                    helper.submit(jax.device_get(state.params))
+                    pending = (position, totals, jax.tree.map(jnp.copy, state))  # the next chunk updates the state in place
+                except HelperFailed as e:
+                    helper = _give_up(helper, e, ctl)
+            if pending is None and _end_epoch(exp, ctl, seed_runs, state, histories, position, totals, saved=False):
+                return results(position)
+            if epoch < config.epochs and ctl.stop():
+                settle(wait=True)
+                ctl.say(f"stopped after epoch {epoch}; {_where(seed_runs)}")
+                return results(position)
+        return results(position)
+    finally:
+        if helper is not None:
+            helper.close()
+
+
+ALONGSIDE_MIN_UPDATES = 10_000
+"""The shortest epoch whose evaluation a helper process takes over: starting one costs a
+few seconds of the other core, and an evaluation alongside saves 0.55-0.6 s an epoch."""
+
+
+def _spare_cores(config: Config) -> set[int]:
+    """The cores a run's training leaves to a helper: those other than the one its
+    chunks are pinned to (``cores.batch1_core``), or none when they are not pinned."""
+    core = cores.batch1_core(jax.default_backend(), config.batch_size, 1)
+    return set() if core is None else os.sched_getaffinity(0) - {core}
+
+
+def _start_helper(exp: Experiment, seed_runs: list[SeedRun], ctl: Controls, spare: set[int]) -> Helper | None:
+    validation = seed_runs[0].validation
+    try:
+        helper = Helper.start(exp.config, jax.device_get(exp.test), None if validation is None else jax.device_get(validation), spare)
+    except HelperFailed as e:
+        ctl.say(f"warning: {e}; the epochs are evaluated in this process")
+        return None
+    ctl.say("evaluation: each epoch's in a second process, alongside the next epoch's training (lenet_jax.alongside)")
+    return helper
+
+
+def _give_up(helper: Helper, error: HelperFailed, ctl: Controls) -> None:
+    helper.close()
+    ctl.say(f"warning: {error}; the epochs are evaluated in this process from now on (the same numbers)")
+    return None
 
 
 def _where(seed_runs: list[SeedRun]) -> str:
@@ -426,13 +499,24 @@ def wait(tree: Any) -> Any:
 
 
 def _train_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state: TrainState, epoch: int, first: int,
-                 totals: list[dict[str, float]]) -> tuple[TrainState, list[dict[str, float]], int]:
+                 totals: list[dict[str, float]], settle: Callable[[bool], None] = lambda wait: None
+                 ) -> tuple[TrainState, list[dict[str, float]], int]:
     """Updates ``first``.. of ``epoch`` for every seed, chunk by chunk (the curvature
     refreshed first when the epoch starts, and within it where ``--hessian-refresh-first-epoch``
     asks, a chunk ending at each such update); returns the state, each seed's running sums
-    and how many updates of the epoch are done (fewer than all when a stop request came)."""
+    and how many updates of the epoch are done (fewer than all when a stop request came).
+    ``settle`` is called after every chunk, to end the previous epoch once its
+    evaluation alongside is back, and with ``wait`` before a divergence is reported."""
     s, config, updates = exp.strategy, exp.config, exp.updates_per_epoch
-    t0 = time.perf_counter()
+    t0, settling = time.perf_counter(), 0.0
+
+    def settled(wait: bool) -> None:  # the other epoch's ending is not this epoch's time
+        nonlocal settling
+        t = time.perf_counter()
+        with tqdm.external_write_mode():  # what it says goes above the progress bar
+            settle(wait)
+        settling += time.perf_counter() - t
+
     if first == 0 and uses_curvature(state.opt_state) and config.refreshes_curvature(epoch):
         state = s.refresh(state, exp.images, exp.labels, [m.config for m in seed_runs], [m.train_index for m in seed_runs], epoch)
     n = exp.labels.shape[0] if seed_runs[0].train_index is None else seed_runs[0].train_index.shape[0]
@@ -456,16 +540,18 @@ def _train_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state
                 done = end
                 finite = s.per_seed(m["finite"])
                 if not finite.all():
+                    settled(True)  # the previous epoch saved first: the message names the last good checkpoint
                     raise Diverged(_divergence(seed_runs, finite, epoch, c, done, updates))
                 losses, errors = s.per_seed(m["loss"]), s.per_seed(m["errors"])
                 totals = [{"loss": t["loss"] + float(losses[i]), "errors": t["errors"] + int(errors[i]), "seconds": t["seconds"]}
                           for i, t in enumerate(totals)]
                 bar.update((done - c) * bs * r)
+                settled(False)
                 if done < updates and ctl.stop():
                     break
         finally:
             bar.close()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 - settling
     return state, [dict(t, seconds=t["seconds"] + elapsed) for t in totals], done
 
 
@@ -484,11 +570,12 @@ def _divergence(seed_runs: list[SeedRun], finite: np.ndarray, epoch: int, c: int
 
 
 def _end_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state: TrainState, histories: list[list[dict[str, Any]]],
-               position: Position, totals: list[dict[str, float]], saved: bool) -> bool:
+               position: Position, totals: list[dict[str, float]], saved: bool, scored: dict[str, Any] | None = None) -> bool:
     """Evaluate every seed after a completed epoch, save it with its row, log the rows
-    and check that no seed answers at chance. A stop request between two seeds'
-    evaluations saves the seeds with the evaluation still to do (unless ``saved``: they
-    already are) and returns True."""
+    and check that no seed answers at chance (``scored``: the one seed's evaluation,
+    computed by the helper). A stop request between two seeds' evaluations saves the
+    seeds with the evaluation still to do (unless ``saved``: they already are) and
+    returns True."""
     s, epoch = exp.strategy, position.epoch
     rows, chance = [], []
     for r, m in enumerate(seed_runs):
@@ -497,7 +584,7 @@ def _end_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state: 
                 _save_all(exp, seed_runs, state, histories, position, [{"totals": t} for t in totals])
             ctl.say(f"stopped at the end of epoch {epoch}, before its evaluation; {_where(seed_runs)}")
             return True
-        row, at_chance = evaluate_epoch(exp, m, s.unstack(state, r), epoch, totals[r])
+        row, at_chance = evaluate_epoch(exp, m, s.unstack(state, r), epoch, totals[r], scored)
         rows.append(row)
         chance.append(at_chance)
     for r, row in enumerate(rows):
@@ -524,20 +611,22 @@ def _end_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state: 
     return False
 
 
-def evaluate_epoch(exp: Experiment, seed_run: SeedRun, state: TrainState, epoch: int, totals: dict[str, float]) -> tuple[dict[str, Any], bool]:
+def evaluate_epoch(exp: Experiment, seed_run: SeedRun, state: TrainState, epoch: int, totals: dict[str, float],
+                   scored: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
     """The history row of a completed epoch (its running training loss and error, its
-    seconds, the test and validation loss and error after it), and whether the network
-    answers at chance: one answer for every test digit, or, after an epoch of at least
-    ``CHANCE_UPDATES`` updates, one answer for at least half of them (``COLLAPSED``) or
-    a test error of at least ``CHANCE_ERROR``."""
+    seconds, the test and validation loss and error after it: ``scored`` when they were
+    computed elsewhere, ``alongside.scores``), and whether the network answers at chance:
+    one answer for every test digit, or, after an epoch of at least ``CHANCE_UPDATES``
+    updates, one answer for at least half of them (``COLLAPSED``) or a test error of at
+    least ``CHANCE_ERROR``."""
     seen = exp.updates_per_epoch * exp.config.batch_size
     row: dict[str, Any] = {"epoch": epoch, "train_loss": totals["loss"] / seen, "train_error": totals["errors"] / seen, "seconds": totals["seconds"]}
-    params = jax.device_get(state.params)
-    objective, batch = exp.config.objective, exp.config.eval_batch_size
-    if seed_run.validation is not None:
-        v = evaluate(params, exp.infer_fn, *seed_run.validation, objective, batch)
-        row.update(val_loss=v["loss"], val_error=v["error"])
-    t = evaluate(params, exp.infer_fn, *exp.test, objective, batch)
+    if scored is None:
+        scored = scores(jax.device_get(state.params), exp.infer_fn, exp.test, seed_run.validation, exp.config.objective,
+                        exp.config.eval_batch_size)
+    if scored["validation"] is not None:
+        row.update(val_loss=scored["validation"]["loss"], val_error=scored["validation"]["error"])
+    t = scored["test"]
     row.update(test_loss=t["loss"], test_error=t["error"])
     shares = np.bincount(t["predictions"]) / len(t["predictions"])
     trained = exp.updates_per_epoch >= CHANCE_UPDATES  # after fewer updates a network may simply not have learned yet

@@ -205,7 +205,7 @@ def train(config: Config, workdir: Path | None, resume: bool = False, progress: 
                 elif seeds:
                     results = fit_seeds(config, seeds, dataset, folder, resume=resume, log=say, progress=progress, stop=stop)
                 else:
-                    results = [fit(config, dataset, folder, resume=resume, log=say, progress=progress, stop=stop)]
+                    results = [fit(config, dataset, folder, resume=resume, log=say, progress=progress, stop=stop, alongside=one_thread)]
     if not all(r.finished for r in results) or len(results) < len(seeds or [0]):  # seeds in turn: a stop may leave some out
         say(f"to continue: python train.py --workdir {workdir} --resume")
         return 0

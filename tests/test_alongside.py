@@ -1,0 +1,147 @@
+"""Each epoch evaluated in a helper process while the next one trains
+(``lenet_jax.alongside``): the same numbers as evaluating in the run's own process, saved
+with the same checkpoints, on the cores the training leaves free; a helper that fails is
+replaced by the run's own evaluation."""
+
+from __future__ import annotations
+
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from lenet_jax import alongside, cores, training
+from lenet_jax import checkpoint as ckpt
+from lenet_jax.config import Config
+from lenet_jax.factories import create_state, make_model, resolve
+from lenet_jax.runs import restore_run
+from lenet_jax.training import fit
+
+from conftest import QUIET, run_script, small
+
+ALLOWED = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+TWO_CORES = pytest.mark.skipif(len(ALLOWED) < 2 or not cores.linux_threads(), reason="needs two cores (Linux)")
+CONFIG = Config(epochs=3, hessian_samples=20, validation_size=50)
+
+
+def without_seconds(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def records(folder):
+    mngr = ckpt.reader(folder / ckpt.CHECKPOINTS)
+    found = {count: ckpt.read_record(mngr, count) for count in mngr.all_steps()}
+    for record in found.values():
+        record["history"] = without_seconds(record["history"])
+        record.get("metrics", {}).pop("seconds", None)
+    return found
+
+
+@pytest.fixture
+def every_epoch(monkeypatch):
+    """Epochs of any length evaluated alongside, and each helper answer recorded."""
+    monkeypatch.setattr(training, "ALONGSIDE_MIN_UPDATES", 1)
+    answers = []
+    result = alongside.Helper.result
+
+    def recorded(self):
+        answers.append(result(self))
+        return answers[-1]
+
+    monkeypatch.setattr(alongside.Helper, "result", recorded)
+    return answers
+
+
+@pytest.mark.slow
+@TWO_CORES
+def test_epochs_evaluated_alongside_are_logged_and_saved_as_the_runs_own_evaluation(mnist, tmp_path, every_epoch):
+    data = small(mnist, 150, 400)
+    said = []
+    here = fit(CONFIG, data, tmp_path / "here", **QUIET)
+    beside = fit(CONFIG, data, tmp_path / "beside", alongside=True, log=said.append, progress=False)
+    assert any(line.startswith("evaluation: each epoch's in a second process") for line in said)
+    assert len(every_epoch) == 2  # epochs 1 and 2; the last has nothing to overlap with
+    assert all(answer["cores"] == sorted(ALLOWED - {min(ALLOWED)}) for answer in every_epoch)  # not the training's core
+    assert without_seconds(beside.history) == without_seconds(here.history)  # test and validation loss bit for bit
+    assert [r["epoch"] for r in beside.history] == [1, 2, 3]
+    assert records(tmp_path / "beside") == records(tmp_path / "here")
+    chex.assert_trees_all_equal(beside.state.params, here.state.params)
+    state, _, record = restore_run(tmp_path / "beside", "best")
+    kept, _, expected = restore_run(tmp_path / "here", "best")
+    chex.assert_trees_all_equal(state.params, kept.params)
+    assert record["epoch"] == expected["epoch"]
+
+
+@pytest.mark.slow
+@TWO_CORES
+def test_a_stop_after_an_epoch_saves_it_with_its_evaluation_and_a_resume_goes_on_exactly(mnist, tmp_path, every_epoch):
+    data = small(mnist, 150, 400)
+    config = CONFIG.replace(chunks=1)  # a stop request is asked only between epochs
+    straight = fit(config, data, tmp_path / "straight", **QUIET)
+    stopped = fit(config, data, tmp_path / "stopped", alongside=True, stop=lambda: True, **QUIET)
+    assert len(every_epoch) == 1 and not stopped.finished
+    assert without_seconds(stopped.history) == without_seconds(straight.history[:1])
+    first = records(tmp_path / "straight")[100]  # 150 images, 50 of them held out: 100 updates an epoch
+    assert records(tmp_path / "stopped") == {100: first}
+    resumed = fit(config, data, tmp_path / "stopped", resume=True, alongside=True, **QUIET)
+    assert without_seconds(resumed.history) == without_seconds(straight.history)
+    chex.assert_trees_all_equal(resumed.state.params, straight.state.params)
+
+
+@pytest.mark.slow
+@TWO_CORES
+def test_a_helper_that_fails_leaves_the_evaluation_to_the_run(mnist, tmp_path, every_epoch, monkeypatch):
+    data = small(mnist, 150, 400)
+    monkeypatch.setattr(alongside.Helper, "MODULE", "lenet_jax.no_such_module")
+    said = []
+    here = fit(CONFIG, data, tmp_path / "here", **QUIET)
+    beside = fit(CONFIG, data, tmp_path / "beside", alongside=True, log=said.append, progress=False)
+    warnings = [line for line in said if line.startswith("warning: the evaluation process failed")]
+    assert len(warnings) == 1 and "No module named lenet_jax.no_such_module" in warnings[0]
+    assert "evaluated in this process from now on" in warnings[0]
+    assert without_seconds(beside.history) == without_seconds(here.history)
+    assert records(tmp_path / "beside") == records(tmp_path / "here")
+
+
+@pytest.mark.slow
+@TWO_CORES
+def test_a_helper_killed_while_it_evaluates_says_how_it_ended(mnist):
+    config = resolve(Config())
+    params = jax.device_get(create_state(config, 10).params)
+    test = (mnist.test_images[:100], mnist.test_labels[:100])
+    helper = alongside.Helper.start(config, test, None, {max(ALLOWED)})
+    try:
+        helper.submit(params)
+        answer = helper.result()
+        expected = alongside.scores(params, make_model(config, inference=True).apply, test, None, config.objective, config.eval_batch_size)
+        assert answer["test"]["loss"] == expected["test"]["loss"] and answer["validation"] is None
+        np.testing.assert_array_equal(answer["test"]["predictions"], expected["test"]["predictions"])
+        assert answer["cores"] == [max(ALLOWED)]
+        helper._process.kill()
+        helper.submit(params)
+    except alongside.HelperFailed as e:
+        assert "exit code -9" in str(e)
+    else:
+        with pytest.raises(alongside.HelperFailed, match="exit code -9"):
+            helper.result()
+    finally:
+        helper.close()
+
+
+@pytest.mark.slow
+@TWO_CORES
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_command_evaluates_alongside_at_batch_1_on_a_cpu_with_cores_to_spare(mnist, tmp_path, batch):
+    """Epochs of 10,000 updates (``ALONGSIDE_MIN_UPDATES``): at batch 1 the run's XLA pool
+    has one thread and a helper evaluates; at batch 2 the pool has a thread per core and
+    the run evaluates itself."""
+    work = tmp_path / "run"
+    out = run_script("train.py", "--epochs", "2", "--train-subset", str(10_000 * batch), "--batch-size", str(batch), "--hessian-samples",
+                     "20", "--workdir", str(work), "--no-progress", "--optimizer", "sdlm")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert ("evaluation: each epoch's in a second process, alongside the next epoch's training (lenet_jax.alongside)" in lines) == (batch == 1)
+    assert [line.split()[:2] for line in lines if line.startswith("epoch")] == [["epoch", "1"], ["epoch", "2"]]
+    assert "warning" not in out.stdout + out.stderr
