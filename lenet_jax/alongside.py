@@ -38,6 +38,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 HEADER = struct.Struct("<Q")
 CLOSE_SECONDS = 10.0
 """How long a helper is given to end after its input closes before it is killed."""
+ANSWER_SECONDS = 60.0
+"""How long the run waits for scores it needs now (they have had a whole epoch already;
+an evaluation takes about a second) before it gives the helper up."""
 
 
 class HelperFailed(RuntimeError):
@@ -89,7 +92,10 @@ class Helper:
         """A helper for runs of ``config`` (resolved), evaluating on these host arrays, its
         threads on the cores ``on`` (those the training does not use). HelperFailed if it
         cannot be started."""
-        logs = tempfile.TemporaryDirectory(prefix="lenet-jax-alongside-")
+        try:
+            logs = tempfile.TemporaryDirectory(prefix="lenet-jax-alongside-")
+        except OSError as e:
+            raise HelperFailed(f"the evaluation process could not start ({e})") from e
         log, setup = Path(logs.name) / "stderr.txt", Path(logs.name) / "setup.pickle"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
         command = [sys.executable, "-m", cls.MODULE, "--parent", str(os.getpid()), "--setup", str(setup),
@@ -108,8 +114,16 @@ class Helper:
         return cls(process, log, logs)
 
     def submit(self, params: Any) -> None:
-        """Hand over an epoch's parameters (host arrays); its scores come from ``result``."""
-        self._put(params)
+        """Hand over an epoch's parameters (host arrays); its scores come from ``result``.
+        They go through a file and the pipe carries its name: a write of a few bytes to
+        an empty pipe never waits, even for a helper that has stopped reading."""
+        path = Path(self._logs.name) / "params.pickle"
+        try:
+            with open(path, "wb") as f:
+                pickle.dump(params, f, protocol=pickle.HIGHEST_PROTOCOL)
+        except OSError as e:
+            raise self._failed(str(e)) from e
+        self._put(str(path))
         self._waiting = True
 
     def ready(self) -> bool:
@@ -117,9 +131,13 @@ class Helper:
         ended, which ``result`` then reports)."""
         return self._waiting and bool(select.select([self._process.stdout], [], [], 0)[0])
 
-    def result(self) -> dict[str, Any]:
-        """The scores of the parameters handed over (``scores``), waiting for them."""
+    def result(self, timeout: float = ANSWER_SECONDS) -> dict[str, Any]:
+        """The scores of the parameters handed over (``scores``), waiting for them up to
+        ``timeout`` seconds (then the helper is ended and HelperFailed raised)."""
         self._waiting = False
+        if not select.select([self._process.stdout], [], [], timeout)[0]:
+            self._process.kill()
+            raise self._failed(f"no answer within {timeout:g} s")
         try:
             answer = _receive(self._process.stdout)
         except (OSError, pickle.UnpicklingError, EOFError) as e:
@@ -175,7 +193,9 @@ def serve(setup: dict[str, Any], inbox: BinaryIO, outbox: BinaryIO) -> int:
     infer_fn = make_model(config, inference=True).apply
     test = tuple(jax.device_put(a) for a in setup["test"])
     validation = None if setup["validation"] is None else tuple(jax.device_put(a) for a in setup["validation"])
-    while (params := _receive(inbox)) is not None:
+    while (path := _receive(inbox)) is not None:
+        with open(path, "rb") as f:
+            params = pickle.load(f)
         answer = scores(params, infer_fn, test, validation, config.objective, config.eval_batch_size)
         _send(outbox, answer | {"cores": cores.threads_cores()})  # where it ran: tests check the placement
     return 0

@@ -6,6 +6,7 @@ replaced by the run's own evaluation."""
 from __future__ import annotations
 
 import os
+import signal
 
 import chex
 import jax
@@ -145,3 +146,20 @@ def test_the_command_evaluates_alongside_at_batch_1_on_a_cpu_with_cores_to_spare
     assert ("evaluation: each epoch's in a second process, alongside the next epoch's training (lenet_jax.alongside)" in lines) == (batch == 1)
     assert [line.split()[:2] for line in lines if line.startswith("epoch")] == [["epoch", "1"], ["epoch", "2"]]
     assert "warning" not in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+@TWO_CORES
+def test_a_helper_that_stops_answering_is_ended_and_given_up(mnist):
+    config = resolve(Config())
+    params = jax.device_get(create_state(config, 10).params)
+    helper = alongside.Helper.start(config, (mnist.test_images[:100], mnist.test_labels[:100]), None, {max(ALLOWED)})
+    try:
+        helper.submit(params)
+        helper.result()
+        os.kill(helper._process.pid, signal.SIGSTOP)  # a helper that hangs
+        helper.submit(params)
+        with pytest.raises(alongside.HelperFailed, match=r"no answer within 0.5 s; exit code -9"):
+            helper.result(timeout=0.5)
+    finally:
+        helper.close()
