@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -38,6 +38,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 HEADER = struct.Struct("<Q")
 CLOSE_SECONDS = 10.0
 """How long a helper is given to end after its input closes before it is killed."""
+MAX_MESSAGE = 1 << 30
 ANSWER_SECONDS = 60.0
 """How long the run waits for scores it needs now (they have had a whole epoch already;
 an evaluation takes about a second) before it gives the helper up."""
@@ -70,10 +71,25 @@ def _receive(stream: BinaryIO) -> Any:
     if len(head) < HEADER.size:
         return None
     size = HEADER.unpack(head)[0]
+    if size > MAX_MESSAGE:
+        raise ValueError(f"a message of {size:,} bytes announced: not one of ours")
     data = stream.read(size)
     if len(data) < size:
         return None
     return pickle.loads(data)
+
+
+@contextlib.contextmanager
+def _spawning_on(on: set[int]) -> Iterator[None]:
+    """The calling thread on the cores ``on`` for the block: a process it starts inherits
+    them from its first instruction, so the helper's start-up (Python, the imports, JAX)
+    never runs on the training's core."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, on)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class Helper:
@@ -105,7 +121,7 @@ class Helper:
                 pickle.dump({"config": config.to_dict(), "test": tuple(map(np.asarray, test)),
                              "validation": None if validation is None else tuple(map(np.asarray, validation))}, f,
                             protocol=pickle.HIGHEST_PROTOCOL)
-            with open(log, "wb") as err:
+            with open(log, "wb") as err, _spawning_on(on):
                 process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
                                            start_new_session=True)  # a Ctrl-C stops the run, which then ends the helper
         except OSError as e:
@@ -129,28 +145,37 @@ class Helper:
     def ready(self) -> bool:
         """Whether the scores of the parameters handed over are back (or the helper has
         ended, which ``result`` then reports)."""
-        return self._waiting and bool(select.select([self._process.stdout], [], [], 0)[0])
+        return self._waiting and self._readable(0)
+
+    def _readable(self, seconds: float) -> bool:
+        poll = select.poll()
+        poll.register(self._process.stdout, select.POLLIN)
+        return bool(poll.poll(seconds * 1000))
 
     def result(self, timeout: float = ANSWER_SECONDS) -> dict[str, Any]:
         """The scores of the parameters handed over (``scores``), waiting for them up to
         ``timeout`` seconds (then the helper is ended and HelperFailed raised)."""
         self._waiting = False
-        if not select.select([self._process.stdout], [], [], timeout)[0]:
+        if not self._readable(timeout):
             self._process.kill()
             raise self._failed(f"no answer within {timeout:g} s")
         try:
             answer = _receive(self._process.stdout)
-        except (OSError, pickle.UnpicklingError, EOFError) as e:
-            raise self._failed(str(e)) from e
+        except Exception as e:  # a garbled answer, whatever it breaks in the reading
+            self._process.kill()
+            raise self._failed(f"{type(e).__name__}: {e}") from e
         if not isinstance(answer, dict) or "test" not in answer:
             raise self._failed("it ended without an answer")
         return answer
 
     def close(self) -> None:
-        """End the helper: its input closes, then it is given ``CLOSE_SECONDS`` before a kill."""
+        """End the helper (it holds nothing to save): SIGTERM, and a kill after
+        ``CLOSE_SECONDS``."""
         process = self._process
         with contextlib.suppress(OSError):
             process.stdin.close()
+        if process.poll() is None:
+            process.terminate()
         try:
             process.wait(timeout=CLOSE_SECONDS)
         except subprocess.TimeoutExpired:
@@ -196,6 +221,7 @@ def serve(setup: dict[str, Any], inbox: BinaryIO, outbox: BinaryIO) -> int:
     while (path := _receive(inbox)) is not None:
         with open(path, "rb") as f:
             params = pickle.load(f)
+        os.unlink(path)
         answer = scores(params, infer_fn, test, validation, config.objective, config.eval_batch_size)
         _send(outbox, answer | {"cores": cores.threads_cores()})  # where it ran: tests check the placement
     return 0
@@ -215,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     if not cores.end_with_parent(args.parent):
         return 1
     cores.move_threads({int(c) for c in args.cores.split(",")})  # before JAX starts: its threads inherit them
-    inbox, outbox = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # the answers own standard output
+    sys.stdout.flush()
+    outbox = os.fdopen(os.dup(1), "wb")  # the answers own the pipe: anything else written to fd 1 goes to stderr
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     with open(args.setup, "rb") as f:
         setup = pickle.load(f)
-    return serve(setup, inbox, outbox)
+    os.unlink(args.setup)  # nothing left behind, even if the run is killed
+    return serve(setup, sys.stdin.buffer, outbox)
 
 
 if __name__ == "__main__":

@@ -399,7 +399,7 @@ def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: 
         The helper starts at the first call, after a chunk: while the run compiles, its
         start would slow the compiling down."""
         nonlocal pending, helper, wanted
-        if wanted:
+        if wanted and not wait:  # a helper is worth starting only while the run goes on
             wanted, helper = False, _start_helper(exp, seed_runs, ctl, spare)
         if pending is None or not (wait or helper is None or helper.ready()):
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import chex
 import jax
@@ -17,7 +18,7 @@ from lenet_jax import alongside, cores, training
 from lenet_jax import checkpoint as ckpt
 from lenet_jax.config import Config
 from lenet_jax.factories import create_state, make_model, resolve
-from lenet_jax.runs import restore_run
+from lenet_jax.runs import Run, restore_run
 from lenet_jax.training import fit
 
 from conftest import QUIET, run_script, small
@@ -42,37 +43,88 @@ def records(folder):
 
 @pytest.fixture
 def every_epoch(monkeypatch):
-    """Epochs of any length evaluated alongside, and each helper answer recorded."""
+    """Epochs of any length evaluated alongside; each helper answer, each helper and each
+    save recorded."""
     monkeypatch.setattr(training, "ALONGSIDE_MIN_UPDATES", 1)
-    answers = []
-    result = alongside.Helper.result
+    seen = {"answers": [], "helpers": [], "saves": []}
+    result, start, save = alongside.Helper.result, alongside.Helper.start, Run.save
 
-    def recorded(self):
-        answers.append(result(self))
-        return answers[-1]
+    def recorded(self, *args, **kwargs):
+        seen["answers"].append(result(self, *args, **kwargs))
+        return seen["answers"][-1]
+
+    def started(*args, **kwargs):
+        seen["helpers"].append(start(*args, **kwargs))
+        return seen["helpers"][-1]
+
+    def saving(self, position, *args, **kwargs):
+        seen["saves"].append((self.path.name, position.count))
+        return save(self, position, *args, **kwargs)
 
     monkeypatch.setattr(alongside.Helper, "result", recorded)
-    return answers
+    monkeypatch.setattr(alongside.Helper, "start", started)
+    monkeypatch.setattr(Run, "save", saving)
+    return seen
+
+
+def saves(seen, folder):
+    return [count for name, count in seen["saves"] if name == folder]
+
+
+def ended(helper):
+    return helper._process.poll() is not None and not Path(helper._logs.name).exists()
 
 
 @pytest.mark.slow
 @TWO_CORES
-def test_epochs_evaluated_alongside_are_logged_and_saved_as_the_runs_own_evaluation(mnist, tmp_path, every_epoch):
+@pytest.mark.parametrize("back", ["in the next epoch", "at its end"])
+def test_epochs_evaluated_alongside_are_logged_and_saved_as_the_runs_own_evaluation(mnist, tmp_path, every_epoch, monkeypatch, back):
+    """The scores back within the next epoch (the helper waited for after its first chunk)
+    or only when it ends: either way the same rows, checkpoints and saves as a run that
+    evaluates itself."""
+    if back == "in the next epoch":
+        monkeypatch.setattr(alongside.Helper, "ready", lambda self: self._waiting and self._readable(alongside.ANSWER_SECONDS))
     data = small(mnist, 150, 400)
+    config = CONFIG.replace(chunks=4)
     said = []
-    here = fit(CONFIG, data, tmp_path / "here", **QUIET)
-    beside = fit(CONFIG, data, tmp_path / "beside", alongside=True, log=said.append, progress=False)
+    here = fit(config, data, tmp_path / "here", **QUIET)
+    beside = fit(config, data, tmp_path / "beside", alongside=True, log=said.append, progress=False)
     assert any(line.startswith("evaluation: each epoch's in a second process") for line in said)
-    assert len(every_epoch) == 2  # epochs 1 and 2; the last has nothing to overlap with
-    assert all(answer["cores"] == sorted(ALLOWED - {min(ALLOWED)}) for answer in every_epoch)  # not the training's core
+    assert len(every_epoch["answers"]) == 2  # epochs 1 and 2; the last has nothing to overlap with
+    assert all(answer["cores"] == sorted(ALLOWED - {min(ALLOWED)}) for answer in every_epoch["answers"])  # not the training's core
     assert without_seconds(beside.history) == without_seconds(here.history)  # test and validation loss bit for bit
     assert [r["epoch"] for r in beside.history] == [1, 2, 3]
+    assert saves(every_epoch, "beside") == saves(every_epoch, "here") == [100, 200, 300]  # each epoch once, in order
     assert records(tmp_path / "beside") == records(tmp_path / "here")
     chex.assert_trees_all_equal(beside.state.params, here.state.params)
     state, _, record = restore_run(tmp_path / "beside", "best")
     kept, _, expected = restore_run(tmp_path / "here", "best")
     chex.assert_trees_all_equal(state.params, kept.params)
     assert record["epoch"] == expected["epoch"]
+    assert len(every_epoch["helpers"]) == 1 and ended(every_epoch["helpers"][0])  # gone, and its files with it
+
+
+@pytest.mark.slow
+@TWO_CORES
+def test_a_stop_in_the_epoch_after_one_evaluated_alongside_saves_that_one_first(mnist, tmp_path, every_epoch):
+    data = small(mnist, 150, 400)
+    config = CONFIG.replace(chunks=2)
+    asked = []
+
+    def stop():  # asked after epoch 1's first chunk, between epochs 1 and 2, after epoch 2's first chunk: yes there
+        asked.append(1)
+        return len(asked) == 3
+
+    straight = fit(config, data, tmp_path / "straight", **QUIET)
+    stopped = fit(config, data, tmp_path / "stopped", alongside=True, stop=stop, **QUIET)
+    assert len(every_epoch["answers"]) == 1 and not stopped.finished and stopped.position == ckpt.Position(2, 50, 100)
+    assert saves(every_epoch, "stopped") == [100, 150]  # epoch 1 with its evaluation, then the middle of epoch 2
+    assert records(tmp_path / "stopped")[100] == records(tmp_path / "straight")[100]
+    assert without_seconds(records(tmp_path / "stopped")[150]["history"]) == without_seconds(straight.history[:1])
+    resumed = fit(config, data, tmp_path / "stopped", resume=True, alongside=True, **QUIET)
+    assert without_seconds(resumed.history) == without_seconds(straight.history)
+    chex.assert_trees_all_equal(resumed.state.params, straight.state.params)
+    assert all(ended(helper) for helper in every_epoch["helpers"])
 
 
 @pytest.mark.slow
@@ -82,7 +134,7 @@ def test_a_stop_after_an_epoch_saves_it_with_its_evaluation_and_a_resume_goes_on
     config = CONFIG.replace(chunks=1)  # a stop request is asked only between epochs
     straight = fit(config, data, tmp_path / "straight", **QUIET)
     stopped = fit(config, data, tmp_path / "stopped", alongside=True, stop=lambda: True, **QUIET)
-    assert len(every_epoch) == 1 and not stopped.finished
+    assert len(every_epoch["answers"]) == 1 and not stopped.finished
     assert without_seconds(stopped.history) == without_seconds(straight.history[:1])
     first = records(tmp_path / "straight")[100]  # 150 images, 50 of them held out: 100 updates an epoch
     assert records(tmp_path / "stopped") == {100: first}
