@@ -372,9 +372,10 @@ def _place(built: Built, dataset: Dataset, positions: list[tuple[int, np.ndarray
 def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: Controls, alongside: bool = False) -> list[RunResult]:
     """The epochs from where the seeds stand to the last, each saved when it completes;
     a stop request saves every seed where it is and returns. With ``alongside`` (one
-    seed, epochs of at least ``ALONGSIDE_MIN_UPDATES`` updates, another epoch still to
-    train) each epoch is evaluated by a helper process while the next one trains
-    (``lenet_jax.alongside``), and saved when its scores are back."""
+    seed, epochs of at least ``ALONGSIDE_MIN_UPDATES`` updates in more than one chunk,
+    another epoch still to train) each epoch is evaluated by a helper process while the
+    next one trains (``lenet_jax.alongside``), and saved at the first chunk's end after
+    its scores are back (with one chunk an epoch, that would be a whole epoch later)."""
     config, s = exp.config, exp.strategy
     state = put_replicated(s.stack([start.state for start in starts]), exp.mesh)  # placed as the data is: one compiled program
     histories = [start.history for start in starts]
@@ -390,7 +391,7 @@ def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: 
             return results(start)
     first = start.epoch + 1 if start.complete else start.epoch
     spare = _spare_cores(config) if alongside and len(seed_runs) == 1 and first < config.epochs else set()
-    wanted = bool(spare) and exp.updates_per_epoch >= ALONGSIDE_MIN_UPDATES
+    wanted = bool(spare) and exp.updates_per_epoch >= ALONGSIDE_MIN_UPDATES and exp.chunk_len < exp.updates_per_epoch
     helper: Helper | None = None
     pending: tuple[Position, list[dict[str, float]], TrainState] | None = None
 

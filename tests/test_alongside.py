@@ -131,16 +131,31 @@ def test_a_stop_in_the_epoch_after_one_evaluated_alongside_saves_that_one_first(
 @TWO_CORES
 def test_a_stop_after_an_epoch_saves_it_with_its_evaluation_and_a_resume_goes_on_exactly(mnist, tmp_path, every_epoch):
     data = small(mnist, 150, 400)
-    config = CONFIG.replace(chunks=1)  # a stop request is asked only between epochs
+    config = CONFIG.replace(chunks=2)
+    asked = []
+
+    def stop():  # asked after epoch 1's first chunk, then between epochs 1 and 2: yes there
+        asked.append(1)
+        return len(asked) == 2
+
     straight = fit(config, data, tmp_path / "straight", **QUIET)
-    stopped = fit(config, data, tmp_path / "stopped", alongside=True, stop=lambda: True, **QUIET)
-    assert len(every_epoch["answers"]) == 1 and not stopped.finished
+    stopped = fit(config, data, tmp_path / "stopped", alongside=True, stop=stop, **QUIET)
+    assert len(every_epoch["answers"]) == 1 and not stopped.finished and stopped.position == ckpt.Position(1, 100, 100)
     assert without_seconds(stopped.history) == without_seconds(straight.history[:1])
     first = records(tmp_path / "straight")[100]  # 150 images, 50 of them held out: 100 updates an epoch
     assert records(tmp_path / "stopped") == {100: first}
     resumed = fit(config, data, tmp_path / "stopped", resume=True, alongside=True, **QUIET)
     assert without_seconds(resumed.history) == without_seconds(straight.history)
     chex.assert_trees_all_equal(resumed.state.params, straight.state.params)
+
+
+@pytest.mark.slow
+@TWO_CORES
+def test_with_one_chunk_an_epoch_the_run_evaluates_itself(mnist, tmp_path, every_epoch):
+    """The epoch would be saved only when the next one ends: a second Ctrl-C in between
+    would lose it (tests/test_preemption.py counts on it being saved at once)."""
+    result = fit(CONFIG.replace(chunks=1), small(mnist, 150, 400), tmp_path, alongside=True, **QUIET)
+    assert result.finished and every_epoch["helpers"] == [] and saves(every_epoch, tmp_path.name) == [100, 200, 300]
 
 
 @pytest.mark.slow

@@ -305,10 +305,10 @@ def test_9_a_stop_request_waits_for_one_evaluation_whatever_the_number_of_seeds(
     real = training.evaluate_epoch
     stop = []
 
-    def counting(exp, model, state, epoch, totals):
+    def counting(exp, model, state, epoch, totals, scored=None):
         evaluated.append(model.config.seed)
         stop.append(1)
-        return real(exp, model, state, epoch, totals)
+        return real(exp, model, state, epoch, totals, scored)
 
     monkeypatch.setattr(training, "evaluate_epoch", counting)
     seeds = list(range(12))
