@@ -401,17 +401,19 @@ def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: 
         start would slow the compiling down."""
         nonlocal pending, helper, wanted
         if wanted and not wait:  # a helper is worth starting only while the run goes on
-            wanted, helper = False, _start_helper(exp, seed_runs, ctl, spare)
+            with tqdm.external_write_mode():  # what it says goes above the progress bar
+                wanted, helper = False, _start_helper(exp, seed_runs, ctl, spare)
         if pending is None or not (wait or helper is None or helper.ready()):
             return
         (position, totals, kept), pending = pending, None
         scored = None
-        if helper is not None:
-            try:
-                scored = helper.result()
-            except HelperFailed as e:
-                helper = _give_up(helper, e, ctl)
-        _end_epoch(exp, ctl, seed_runs, kept, histories, position, totals, saved=False, scored=scored)
+        with tqdm.external_write_mode():
+            if helper is not None:
+                try:
+                    scored = helper.result()
+                except HelperFailed as e:
+                    helper = _give_up(helper, e, ctl)
+            _end_epoch(exp, ctl, seed_runs, kept, histories, position, totals, saved=False, scored=scored)
 
     position = start
     try:
@@ -514,8 +516,7 @@ def _train_epoch(exp: Experiment, ctl: Controls, seed_runs: list[SeedRun], state
     def settled(wait: bool) -> None:  # the other epoch's ending is not this epoch's time
         nonlocal settling
         t = time.perf_counter()
-        with tqdm.external_write_mode():  # what it says goes above the progress bar
-            settle(wait)
+        settle(wait)
         settling += time.perf_counter() - t
 
     if first == 0 and uses_curvature(state.opt_state) and config.refreshes_curvature(epoch):

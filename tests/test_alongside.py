@@ -71,6 +71,17 @@ def saves(seen, folder):
     return [count for name, count in seen["saves"] if name == folder]
 
 
+def yes_at(n):
+    """A stop request that says yes the n-th time it is asked."""
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) == n
+
+    return stop
+
+
 def ended(helper):
     return helper._process.poll() is not None and not Path(helper._logs.name).exists()
 
@@ -109,14 +120,9 @@ def test_epochs_evaluated_alongside_are_logged_and_saved_as_the_runs_own_evaluat
 def test_a_stop_in_the_epoch_after_one_evaluated_alongside_saves_that_one_first(mnist, tmp_path, every_epoch):
     data = small(mnist, 150, 400)
     config = CONFIG.replace(chunks=2)
-    asked = []
-
-    def stop():  # asked after epoch 1's first chunk, between epochs 1 and 2, after epoch 2's first chunk: yes there
-        asked.append(1)
-        return len(asked) == 3
-
     straight = fit(config, data, tmp_path / "straight", **QUIET)
-    stopped = fit(config, data, tmp_path / "stopped", alongside=True, stop=stop, **QUIET)
+    # asked after epoch 1's first chunk, between epochs 1 and 2, after epoch 2's first chunk: yes there
+    stopped = fit(config, data, tmp_path / "stopped", alongside=True, stop=yes_at(3), **QUIET)
     assert len(every_epoch["answers"]) == 1 and not stopped.finished and stopped.position == ckpt.Position(2, 50, 100)
     assert saves(every_epoch, "stopped") == [100, 150]  # epoch 1 with its evaluation, then the middle of epoch 2
     assert records(tmp_path / "stopped")[100] == records(tmp_path / "straight")[100]
@@ -132,14 +138,9 @@ def test_a_stop_in_the_epoch_after_one_evaluated_alongside_saves_that_one_first(
 def test_a_stop_after_an_epoch_saves_it_with_its_evaluation_and_a_resume_goes_on_exactly(mnist, tmp_path, every_epoch):
     data = small(mnist, 150, 400)
     config = CONFIG.replace(chunks=2)
-    asked = []
-
-    def stop():  # asked after epoch 1's first chunk, then between epochs 1 and 2: yes there
-        asked.append(1)
-        return len(asked) == 2
-
     straight = fit(config, data, tmp_path / "straight", **QUIET)
-    stopped = fit(config, data, tmp_path / "stopped", alongside=True, stop=stop, **QUIET)
+    # asked after epoch 1's first chunk, then between epochs 1 and 2: yes there
+    stopped = fit(config, data, tmp_path / "stopped", alongside=True, stop=yes_at(2), **QUIET)
     assert len(every_epoch["answers"]) == 1 and not stopped.finished and stopped.position == ckpt.Position(1, 100, 100)
     assert without_seconds(stopped.history) == without_seconds(straight.history[:1])
     first = records(tmp_path / "straight")[100]  # 150 images, 50 of them held out: 100 updates an epoch
