@@ -35,7 +35,7 @@ from lenet_jax import cores
 from lenet_jax.config import Config
 from lenet_jax.conv import CONV_IMPLS
 from lenet_jax.evaluation import evaluate_arrays
-from lenet_jax.factories import conv_impl_for, create_state, create_states, make_model
+from lenet_jax.factories import conv_impl_for, create_state, create_states, make_inference
 from lenet_jax.hessian import ESTIMATORS
 from lenet_jax.inputs import pad_images
 from lenet_jax.precision import PRECISIONS
@@ -102,7 +102,7 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
             batches = epoch_batches(0, 1, n, batch)
             train(f"train_b{batch}", config, batches, batches.size)
 
-        infer_fn = make_model(sdlm, inference=True).apply
+        infer_fn = make_inference(sdlm)
         dynamic = dict(params=state.params, images=test_images, labels=test_labels)
         infer, compile_s["infer_b1000"] = _compile(evaluate_arrays, **dynamic, apply_fn=infer_fn, objective=sdlm.objective, batch_size=1000)
         wait(infer(**dynamic))
@@ -134,7 +134,7 @@ def measure(samples: int = 10_000, repeats: int = 3, conv_impl: str = "auto", pr
         results["paper_pass"] = {"best": t2 - t0, "median": t2 - t0, "unit": "s", "refresh_s": t1 - t0, "updates_per_s": n / (t2 - t1)}
 
     device = jax.devices()[0]
-    settings = {"conv_impl": conv_impl_for(sdlm), "conv_impl_inference": conv_impl_for(sdlm, inference=True),
+    settings = {"conv_impl": conv_impl_for(sdlm), "conv_impl_inference": "batch_minor" if make_inference(sdlm).batch_minor else conv_impl_for(sdlm, inference=True),
                 "precision": precision, "estimator": estimator, "repeats": repeats, "b1_samples": samples}
     notes = []
     if batch1:

@@ -212,10 +212,10 @@ def serve(setup: dict[str, Any], inbox: BinaryIO, outbox: BinaryIO) -> int:
     import jax
 
     from lenet_jax.config import Config
-    from lenet_jax.factories import make_model
+    from lenet_jax.factories import make_inference
 
     config = Config.from_dict(setup["config"])
-    infer_fn = make_model(config, inference=True).apply
+    infer_fn = make_inference(config)
     test = tuple(jax.device_put(a) for a in setup["test"])
     validation = None if setup["validation"] is None else tuple(jax.device_put(a) for a in setup["validation"])
     while (path := _receive(inbox)) is not None:

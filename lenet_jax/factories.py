@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax.training.train_state import TrainState
 
+from lenet_jax import batch_minor
 from lenet_jax.config import Config
 from lenet_jax.conv import FORWARD_DIFFERENTIABLE
 from lenet_jax.layers import Init
@@ -92,6 +96,32 @@ def make_model(config: Config, inference: bool = False, forward_mode: bool = Fal
         activation=config.activation, subsampling=config.subsampling, c3=config.c3, conv=config.conv, dropout=config.dropout,
         input_scaling=config.input_scaling, coefficient_init=config.coefficient_init,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Inference:
+    """``model.apply`` for evaluation. With ``batch_minor`` set, the class scores (the
+    default method) come from ``lenet_jax.batch_minor``, the same function laid out for
+    the CPU; every other method (``activations``, ``read``, ...) is the module's."""
+
+    model: LeNet5
+    batch_minor: bool
+
+    def __call__(self, variables: dict[str, Any], x: jax.Array, method: Any = None, **kwargs: Any) -> Any:
+        if self.batch_minor and method is None and not kwargs:
+            return batch_minor.scores(variables["params"], x, self.model)
+        return self.model.apply(variables, x, method=method, **kwargs)
+
+
+def make_inference(config: Config, backend: str | None = None) -> Inference:
+    """The forward pass a training run evaluates each epoch with: on the CPU, where
+    training runs "custom_vjp" (``conv_impl`` "auto" or "custom_vjp"), the batch-minor
+    layout (about twice the rate of the NHWC convolutions at 1,000 images, for about 2 s
+    more compiling; docs/speed.md); elsewhere, and for what that layout does not
+    compute, the module itself."""
+    model = make_model(config, inference=True)
+    on_cpu = (backend or jax.default_backend()) == "cpu"
+    return Inference(model, on_cpu and conv_impl_for(config, backend="cpu") == "custom_vjp" and batch_minor.unsupported(model) is None)
 
 
 _compiled_init = jax.jit(init_params, static_argnums=0)

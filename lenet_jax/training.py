@@ -41,7 +41,7 @@ from lenet_jax.checkpoint import CHECKPOINTS, SEED_FOLDER, Position
 from lenet_jax.config import Config
 from lenet_jax.data import Dataset, validation_split
 from lenet_jax.errors import ConfigError, Diverged
-from lenet_jax.factories import create_states, make_model, resolve
+from lenet_jax.factories import create_states, make_inference, make_model, resolve
 from lenet_jax.fileio import RunFolder
 from lenet_jax.inputs import pad_images
 from lenet_jax.model import LeNet5, count_parameters
@@ -327,7 +327,7 @@ def build(config: Config, seeds: list[int], updates_per_epoch: int, one_device: 
     mesh = data_mesh(1 if one_device else choose_devices(config.batch_size, config.devices))
     strategy = Strategy.build(config, len(seeds), updates_per_epoch, mesh)
     states = create_states(config, updates_per_epoch, seeds)
-    return Built(config, configs, make_model(config), make_model(config, inference=True).apply, states, mesh, strategy)
+    return Built(config, configs, make_model(config), make_inference(config), states, mesh, strategy)
 
 
 def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str | RunFolder, resume: bool,

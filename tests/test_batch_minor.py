@@ -1,0 +1,70 @@
+"""The batch-minor forward pass (lenet_jax.batch_minor) computes the module's scores, and
+the evaluation of a training run on the CPU uses it."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lenet_jax import batch_minor
+from lenet_jax.config import Config
+from lenet_jax.factories import make_inference, make_model
+from lenet_jax.layers import C3_TABLE
+from lenet_jax.model import init_params
+
+CONFIGS = {
+    "paper": Config(),
+    "softmax-relu-max": Config(head="softmax", activation="relu", subsampling="max"),
+    "squashed-selu-average-dense-lush": Config(head="squashed", activation="selu", subsampling="average", c3="dense", input_scaling="lush"),
+}
+
+
+def perturbed_params(config: Config, seed: int = 0):
+    """Fresh parameters with every entry moved, the C3 entries table I leaves out
+    included: those must be ignored, as the module's mask ignores them."""
+    model = make_model(config, inference=True)
+    params = init_params(model, jax.random.key(seed))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return model, jax.tree.unflatten(tree, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("name, shape", [("paper", (300,)), ("paper", (2, 3))] + [(name, (1,)) for name in list(CONFIGS)[1:]])
+def test_scores_equal_the_module(name, shape):
+    """300 images (two steps of 150), leading axes, one image; between them every head,
+    squashing function, subsampling, C3 and input scaling."""
+    model, params = perturbed_params(CONFIGS[name])
+    x = jax.random.uniform(jax.random.key(7), shape + (32, 32, 1), minval=-0.1, maxval=1.175)
+    expected = model.apply({"params": params}, x)
+    got = jax.jit(lambda p, x: batch_minor.scores(p, x, model))(params, x)
+    chex.assert_shape(got, expected.shape)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(expected))))
+
+
+def test_groups_cover_table_one_once():
+    connections = [(maps[g], read[g]) for maps, reads in batch_minor.groups(C3_TABLE, 6, 16) for read in reads for g in range(len(maps))]
+    assert sorted(connections) == sorted((f, c) for f, row in enumerate(C3_TABLE) for c in row)
+    assert [len(maps) for maps, _ in batch_minor.groups(C3_TABLE, 6, 16)] == [6, 6, 3, 1]
+    assert len(batch_minor.groups(None, 6, 16)) == 1
+
+
+def test_which_forward_pass_inference_uses():
+    assert make_inference(Config(), backend="cpu").batch_minor
+    assert make_inference(Config(conv_impl="custom_vjp"), backend="cpu").batch_minor
+    assert not make_inference(Config(), backend="gpu").batch_minor  # nothing changes on GPUs and TPUs
+    assert not make_inference(Config(conv_impl="xla"), backend="cpu").batch_minor
+    assert not make_inference(Config(conv="separable"), backend="cpu").batch_minor
+    assert not make_inference(Config(precision="bfloat16"), backend="cpu").batch_minor
+
+
+def test_inference_keeps_the_modules_other_methods():
+    model, params = perturbed_params(Config())
+    infer = make_inference(Config(), backend="cpu")
+    x = jnp.zeros((2, 32, 32, 1))
+    acts = infer({"params": params}, x, method="activations")
+    assert [a.shape for a in acts] == [(2, 28, 28, 6), (2, 14, 14, 6), (2, 10, 10, 16), (2, 5, 5, 16), (2, 1, 1, 120), (2, 84)]
+    with pytest.raises(ValueError, match="separable convolutions"):
+        batch_minor.scores(params, x, make_model(Config(conv="separable"), inference=True))
