@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
@@ -101,14 +102,15 @@ def make_model(config: Config, inference: bool = False, forward_mode: bool = Fal
 @dataclasses.dataclass(frozen=True)
 class Inference:
     """``model.apply`` for evaluation. With ``batch_minor`` set, the class scores (the
-    default method) come from ``lenet_jax.batch_minor``, the same function laid out for
-    the CPU; every other method (``activations``, ``read``, ...) is the module's."""
+    default method) of calls with at least ``batch_minor.MIN_IMAGES`` images come from
+    ``lenet_jax.batch_minor``, the same function laid out for the CPU; smaller calls and
+    every other method (``activations``, ``read``, ...) are the module's."""
 
     model: LeNet5
     batch_minor: bool
 
     def __call__(self, variables: dict[str, Any], x: jax.Array, method: Any = None, **kwargs: Any) -> Any:
-        if self.batch_minor and method is None and not kwargs:
+        if self.batch_minor and method is None and not kwargs and np.prod(x.shape[:-3]) >= batch_minor.MIN_IMAGES:
             return batch_minor.scores(variables["params"], x, self.model)
         return self.model.apply(variables, x, method=method, **kwargs)
 

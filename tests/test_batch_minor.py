@@ -14,6 +14,7 @@ from lenet_jax.config import Config
 from lenet_jax.factories import make_inference, make_model
 from lenet_jax.layers import C3_TABLE
 from lenet_jax.model import init_params
+from lenet_jax.training import build
 
 CONFIGS = {
     "paper": Config(),
@@ -58,6 +59,18 @@ def test_which_forward_pass_inference_uses():
     assert not make_inference(Config(conv_impl="xla"), backend="cpu").batch_minor
     assert not make_inference(Config(conv="separable"), backend="cpu").batch_minor
     assert not make_inference(Config(precision="bfloat16"), backend="cpu").batch_minor
+
+
+def test_calls_of_one_step_or_more_take_the_batch_minor_pass():
+    """A training run's evaluation takes the batch-minor pass for calls of at least
+    MIN_IMAGES images (a lax.map, traced as a scan, and no convolution), the module below
+    that."""
+    model, params = perturbed_params(Config())
+    built = build(Config(), [0], 100)
+    assert built.infer_fn.batch_minor
+    for n, batch_minor_pass in ((batch_minor.MIN_IMAGES, True), (batch_minor.MIN_IMAGES - 1, False)):
+        program = str(jax.make_jaxpr(lambda p, x: built.infer_fn({"params": p}, x))(params, jnp.zeros((n, 32, 32, 1))))
+        assert ("conv_general_dilated" not in program and "scan" in program) == batch_minor_pass, n
 
 
 def test_inference_keeps_the_modules_other_methods():
