@@ -165,17 +165,19 @@ def scores(params: Any, x: jax.Array, model: LeNet5) -> jax.Array:
         raise ValueError(f"the batch-minor forward pass does not compute {reason}")
     lead = x.shape[:-3]
     n = int(np.prod(lead, dtype=np.int64))
-    steps = -(-n // CHUNK)
+    steps = max(1, -(-n // CHUNK))
     size = -(-n // steps) if n < LANES else -(-n // (steps * LANES)) * LANES
     squash = ACTIVATIONS[model.activation]()
-    u = rescale(x, model.input_scaling).reshape(n, -1)
-    u = jnp.pad(u, ((0, steps * size - n), (0, 0))).reshape(steps, size, -1).transpose(0, 2, 1).reshape(steps, 1, 32, 32, size)
+    if x.shape[-3:] != (32, 32, 1):
+        raise ValueError(f"the batch-minor forward pass reads (..., 32, 32, 1) images, got {x.shape}")
+    u = rescale(x, model.input_scaling).reshape(n, 32 * 32)
+    u = jnp.pad(u, ((0, steps * size - n), (0, 0))).reshape(steps, size, 32 * 32).transpose(0, 2, 1).reshape(steps, 1, 32, 32, size)
     u = jax.lax.map(lambda v: _in_order(_subsampled(v, params["C1"], model.subsampling, params.get("S2"), None, squash)), u)
     group_maps = [np.array(maps) for maps, _ in groups(model.c3_table, u.shape[1], params["C3"]["kernel"].shape[-1])]
     parts = jax.lax.map(lambda v: [p for _, p in _subsampled(v, params["C3"], model.subsampling, params.get("S4"), model.c3_table, squash)], u)
     c5 = jnp.moveaxis(params["C5"]["kernel"], 2, 0)  # (maps, k, k, 120): C5 reads S4 whole
     m = steps * size
-    u = sum(_dense(jnp.moveaxis(p, 0, -2).reshape(-1, m), {"kernel": c5[maps].reshape(-1, c5.shape[-1]), "bias": 0.0})
+    u = sum(_dense(jnp.moveaxis(p, 0, -2).reshape(int(np.prod(p.shape[1:4])), m), {"kernel": c5[maps].reshape(-1, c5.shape[-1]), "bias": 0.0})
             for maps, p in zip(group_maps, parts))
     u = squash(u + params["C5"]["bias"][:, None])
     if model.head == "squashed":
@@ -184,4 +186,4 @@ def scores(params: Any, x: jax.Array, model: LeNet5) -> jax.Array:
         u = squash(_dense(u, params["F6"]))
         out = _dense(u, params["output"]) if model.head == "softmax" else \
             jnp.sum(jnp.square(u[None] - jnp.asarray(RBF_CENTRES, u.dtype)[:, :, None]), axis=1)
-    return out[:, :n].T.reshape(*lead, -1)
+    return out[:, :n].T.reshape(*lead, out.shape[0])
