@@ -148,8 +148,9 @@ layout: it compiles in about 2.8 s against 0.1 s for the module, and saves 5 ms 
 at 256 images (16 ms at 1,000), so smaller calls (tests, single digits) keep the module."""
 
 LANES = 16
-"""A step's images are a multiple of this (the batch padded up to it): the vector width
-of float32 on AVX-512, so XLA's loops over the batch leave no remainder."""
+"""From this many images on, a step's images are a multiple of this (the batch padded up
+to it): the vector width of float32 on AVX-512, so XLA's loops over the batch leave no
+remainder. Fewer images make one step as they are."""
 
 
 def scores(params: Any, x: jax.Array, model: LeNet5) -> jax.Array:

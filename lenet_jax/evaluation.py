@@ -18,19 +18,19 @@ from lenet_jax.losses import Objective
 def evaluate_arrays(
     params: Any, apply_fn: Callable, images: jax.Array, labels: jax.Array, objective: Objective, batch_size: int = 1000
 ) -> dict[str, jax.Array]:
-    """Summed loss, error count and predictions over uint8 ``images`` (28x28, or padded
-    32x32), in batches."""
+    """Summed loss, error count, predictions and the class scores over uint8 ``images``
+    (28x28, or padded 32x32), in batches."""
     n = images.shape[0]
     imgs, labs = in_batches(images, batch_size), in_batches(labels, batch_size)
 
     def one(args):
         x, y = args
         scores = apply_fn({"params": params}, preprocess(x))
-        return objective.per_sample(scores, y), objective.predict(scores)
+        return objective.per_sample(scores, y), objective.predict(scores), scores
 
-    losses, preds = jax.lax.map(one, (imgs, labs))
-    losses, preds = losses.reshape(-1)[:n], preds.reshape(-1)[:n]
-    return {"loss": jnp.sum(losses), "errors": jnp.sum(preds != labels), "predictions": preds}
+    losses, preds, scores = jax.lax.map(one, (imgs, labs))
+    losses, preds, scores = losses.reshape(-1)[:n], preds.reshape(-1)[:n], scores.reshape((-1,) + scores.shape[2:])[:n]
+    return {"loss": jnp.sum(losses), "errors": jnp.sum(preds != labels), "predictions": preds, "scores": scores}
 
 
 def in_batches(values: jax.Array, batch_size: int) -> jax.Array:

@@ -119,6 +119,11 @@ def model_rejection(
     """``rejection`` of a model over a set: its scores computed in compiled batches, the
     classes and margins ranked as ``eval.py --image`` reports them (``predict.rank_scores``)."""
     labels = np.asarray(labels)
-    scores = np.asarray(score_set(params, apply_fn, jnp.asarray(images), min(batch_size, len(labels))))
-    classes, _, margins, _ = rank_scores(scores, head)
-    return rejection(margins, classes, labels, target)
+    return scores_rejection(np.asarray(score_set(params, apply_fn, jnp.asarray(images), min(batch_size, len(labels)))), head, labels, target)
+
+
+def scores_rejection(scores: np.ndarray, head: str, labels: Any, target: float = TARGET_ERROR) -> Rejection:
+    """``rejection`` of a set whose (N, 10) class scores are already computed (as
+    ``evaluation.evaluate_arrays`` returns them), ranked as ``model_rejection`` ranks them."""
+    classes, _, margins, _ = rank_scores(np.asarray(scores), head)
+    return rejection(margins, classes, np.asarray(labels), target)

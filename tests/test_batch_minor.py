@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lenet_jax import batch_minor
-from lenet_jax.config import Config
+from lenet_jax.config import Config, preset
 from lenet_jax.factories import make_inference, make_model
 from lenet_jax.layers import C3_TABLE
 from lenet_jax.model import init_params
@@ -20,6 +20,8 @@ CONFIGS = {
     "paper": Config(),
     "softmax-relu-max": Config(head="softmax", activation="relu", subsampling="max"),
     "squashed-selu-average-dense-lush": Config(head="squashed", activation="selu", subsampling="average", c3="dense", input_scaling="lush"),
+    "modern": preset("modern"),
+    "lush": preset("lush"),
 }
 
 
@@ -30,13 +32,18 @@ def perturbed_params(config: Config, seed: int = 0):
     params = init_params(model, jax.random.key(seed))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return model, jax.tree.unflatten(tree, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+    return model, jax.tree.unflatten(tree, [v + 0.05 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("name, shape", [("paper", (300,)), ("paper", (2, 3))] + [(name, (1,)) for name in list(CONFIGS)[1:]])
+SHAPES = [(300,), (2, 3), (1,)]
+"""300 images (two steps of 160, the last 20 padding), leading axes, one image."""
+
+
+@pytest.mark.parametrize("name, shape", [("paper", shape) for shape in SHAPES]
+                         + [pytest.param(name, shape, marks=pytest.mark.slow) for name in list(CONFIGS)[1:] for shape in SHAPES])
 def test_scores_equal_the_module(name, shape):
-    """300 images (two steps of 150), leading axes, one image; between them every head,
-    squashing function, subsampling, C3 and input scaling."""
+    """Every head, squashing function, subsampling, C3, input scaling and preset, at
+    each of SHAPES."""
     model, params = perturbed_params(CONFIGS[name])
     x = jax.random.uniform(jax.random.key(7), shape + (32, 32, 1), minval=-0.1, maxval=1.175)
     expected = model.apply({"params": params}, x)
@@ -61,6 +68,7 @@ def test_which_forward_pass_inference_uses():
     assert not make_inference(Config(precision="bfloat16"), backend="cpu").batch_minor
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a run takes the batch-minor pass on the CPU only")
 def test_calls_of_one_step_or_more_take_the_batch_minor_pass():
     """A training run's evaluation takes the batch-minor pass for calls of at least
     MIN_IMAGES images (a lax.map, traced as a scan, and no convolution), the module below
@@ -74,10 +82,16 @@ def test_calls_of_one_step_or_more_take_the_batch_minor_pass():
 
 
 def test_inference_keeps_the_modules_other_methods():
-    model, params = perturbed_params(Config())
-    infer = make_inference(Config(), backend="cpu")
-    x = jnp.zeros((2, 32, 32, 1))
+    """Another method, or a call with arguments (dropout in training), at a batch the
+    batch-minor pass would otherwise take, goes to the module."""
+    config = Config(dropout=0.5)
+    model, params = perturbed_params(config)
+    infer = make_inference(config, backend="cpu")
+    n = batch_minor.MIN_IMAGES
+    x = jax.random.uniform(jax.random.key(3), (n, 32, 32, 1))
     acts = infer({"params": params}, x, method="activations")
-    assert [a.shape for a in acts] == [(2, 28, 28, 6), (2, 14, 14, 6), (2, 10, 10, 16), (2, 5, 5, 16), (2, 1, 1, 120), (2, 84)]
+    assert [a.shape for a in acts] == [(n, 28, 28, 6), (n, 14, 14, 6), (n, 10, 10, 16), (n, 5, 5, 16), (n, 1, 1, 120), (n, 84)]
+    rngs = {"dropout": jax.random.key(4)}
+    np.testing.assert_array_equal(infer({"params": params}, x, train=True, rngs=rngs), model.apply({"params": params}, x, train=True, rngs=rngs))
     with pytest.raises(ValueError, match="separable convolutions"):
         batch_minor.scores(params, x, make_model(Config(conv="separable"), inference=True))

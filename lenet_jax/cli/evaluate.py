@@ -144,15 +144,15 @@ def load_model(path: Path | None, which: str = "best") -> LoadedModel:
     the pretrained model shipped with the package when ``path`` is None; its parameters
     checked finite."""
     from lenet_jax import pretrained
-    from lenet_jax.factories import make_model
+    from lenet_jax.factories import make_inference
     from lenet_jax.runs import restore_run
 
     if path is None:
         params, config, meta = pretrained.load()
-        return LoadedModel(params, make_model(config, inference=True).apply, config, meta["epoch"], None, meta.get("history", []),
+        return LoadedModel(params, make_inference(config), config, meta["epoch"], None, meta.get("history", []),
                            f"pretrained {pretrained.PRETRAINED.name}")
     state, config, record = restore_run(single_run(path), which, log=lambda m: print(m, file=sys.stderr))
-    return LoadedModel(state.params, make_model(config, inference=True).apply, config, int(record["epoch"]), int(state.step),
+    return LoadedModel(state.params, make_inference(config), config, int(record["epoch"]), int(state.step),
                        record.get("history", []), str(path))
 
 
@@ -308,14 +308,18 @@ def _draw_figures(loaded: LoadedModel, dataset: Dataset, result: dict[str, Any],
 def evaluation_report(loaded: LoadedModel, data_overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], Dataset, dict[str, Any]]:
     """The test-set report of a loaded model (on its dataset, the data options on top),
     the dataset and the raw evaluation (with its ``rejection.Rejection`` under "rejection")."""
-    from lenet_jax.evaluation import evaluate
-    from lenet_jax.rejection import MARGINS, TARGET_ERROR, model_rejection
+    import jax.numpy as jnp
+
+    from lenet_jax.evaluation import evaluate_arrays, summarize_evaluation
+    from lenet_jax.rejection import MARGINS, TARGET_ERROR, scores_rejection
 
     config = loaded.config.replace(**{k: v for k, v in (data_overrides or {}).items() if v is not None})
     dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=lambda m: print(m, file=sys.stderr))
-    r = evaluate(loaded.params, loaded.apply_fn, dataset.test_images, dataset.test_labels, config.objective, config.eval_batch_size)
-    r["rejection"] = model_rejection(loaded.params, loaded.apply_fn, config.head, dataset.test_images, dataset.test_labels,
-                                     TARGET_ERROR, config.eval_batch_size)
+    labels = dataset.test_labels
+    out = evaluate_arrays(loaded.params, loaded.apply_fn, jnp.asarray(dataset.test_images), jnp.asarray(labels), config.objective,
+                          min(config.eval_batch_size, len(labels)))  # one compiled pass gives the report and the rejection
+    r = summarize_evaluation(out, labels)
+    r["rejection"] = scores_rejection(np.asarray(out["scores"]), config.head, labels, TARGET_ERROR)
     confusion = r["confusion"]
     per_class = 1.0 - np.diag(confusion) / np.maximum(confusion.sum(1), 1)
     report = {
