@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from bench.c1_layouts import ms
 from lenet_jax import batch_minor
 from lenet_jax.config import Config
 from lenet_jax.factories import make_model
@@ -22,14 +23,7 @@ from lenet_jax.model import init_params
 
 
 def best_ms(f: Callable[..., Any], *args: Any, calls: int = 20, rounds: int = 3) -> float:
-    jax.block_until_ready(f(*args))
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            jax.block_until_ready(f(*args))
-        best = min(best, (time.perf_counter() - t0) / calls * 1e3)
-    return best
+    return min(ms(f, *args, repeats=calls) for _ in range(rounds))
 
 
 def compile_s(f: Callable[..., Any], *args: Any) -> float:
