@@ -9,8 +9,12 @@ before JAX starts, so that its pool has one thread, as a single run's has, and i
 its seeds one after the other, each exactly as ``train.py --seed S --workdir
 WORKDIR/seed-S`` does: the same compiled program on a pool of the same size, so the same
 parameters bit for bit (a pool of another size splits the work, and the sums,
-otherwise). A core with two seeds takes twice as long as one with one; the two in one
-program on that core took as long (measured), and would no longer each be its own run.
+otherwise). The cores share the epochs evenly (``plan``): where the seeds do not divide
+among the cores, a seed's first epochs train on one core and the rest on another, which
+resumes it from its checkpoint once the first has paused, so three seeds on two cores
+take the time of one and a half, not two. A resumed run is the same bit for bit, so the
+seed is still exactly its own run. Two seeds in one program on a core took as long as
+one after the other (measured), and would no longer each be its own run.
 
 The command (the parent) holds ``WORKDIR``'s lock and passes a stop request on: on
 SIGTERM/SIGINT every worker saves where it is and starts no further seed; a second
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -36,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lenet_jax import cores, training
-from lenet_jax.checkpoint import SEED_FOLDER, holds_checkpoints
+from lenet_jax.checkpoint import METRICS, SEED_FOLDER, holds_checkpoints
 from lenet_jax.config import Config
 from lenet_jax.errors import Diverged, UserError, command
 from lenet_jax.fileio import RunFolder
@@ -54,6 +59,22 @@ class WorkerFailed(UserError, RuntimeError):
 
 
 @dataclass(frozen=True)
+class Part:
+    """A stretch of one seed's training that a worker runs: from where the seed stands to
+    the end of epoch ``until`` (None: its last epoch), once the stretch before it has
+    paused after epoch ``after`` (None: the seed starts here)."""
+
+    seed: int
+    until: int | None = None
+    after: int | None = None
+
+    def __str__(self) -> str:
+        if self.until is not None:
+            return f"{self.seed} (to epoch {self.until})"
+        return str(self.seed) if self.after is None else f"{self.seed} (from epoch {self.after + 1})"
+
+
+@dataclass(frozen=True)
 class SeedOutcome:
     """What a seed's run ended with: its per-epoch history, whether it completed every
     epoch, and where its process ran."""
@@ -66,18 +87,44 @@ class SeedOutcome:
 
 
 def plan(seeds: Sequence[int], config: Config, backend: str, processes: int, allowed: set[int],
-         local_devices: int = 1) -> list[list[int]] | None:
-    """The seeds of each allowed core, in core order (seed i goes to core i mod N), or
-    None to train the seeds in one program: only on the CPU, in one process with one
-    device (several CPU devices are a user's own XLA flag, left alone), at batch 1, for
-    several seeds, with more than one core ``allowed`` (a user's own ``taskset`` to one
-    core is left alone too)."""
+         local_devices: int = 1, done: dict[int, int] | None = None) -> list[list[Part]] | None:
+    """What each allowed core trains, in core order (``share``), or None to train the
+    seeds in one program: only on the CPU, in one process with one device (several CPU
+    devices are a user's own XLA flag, left alone), at batch 1, for several seeds, with
+    more than one core ``allowed`` (a user's own ``taskset`` to one core is left alone
+    too). ``done``: the epochs each seed has completed already (a resumed run)."""
     if backend != "cpu" or processes != 1 or local_devices != 1 or config.devices > 1 or config.batch_size != 1 or len(seeds) < 2:
         return None
     if len(allowed) < 2:
         return None
-    places = sorted(allowed)[: len(seeds)]
-    return [list(seeds[i:: len(places)]) for i in range(len(places))]
+    return share(seeds, config.epochs, min(len(allowed), len(seeds)), done or {})
+
+
+def share(seeds: Sequence[int], epochs: int, cores: int, done: dict[int, int]) -> list[list[Part]]:
+    """The seeds' remaining epochs dealt to ``cores`` cores as evenly as whole epochs
+    allow (McNaughton's wrap-around, with the order of a seed's epochs kept): the seeds
+    fill the cores in turn, each core up to the same length L, at least the longest
+    seed's; a seed that overflows a core trains its first epochs at the start of the
+    next core and the rest at the end of this one, which cannot come sooner than L less
+    the rest, by which time the first part, no longer than that, has paused."""
+    left = {s: max(0, epochs - done.get(s, 0)) for s in seeds}
+    length = max(-(-sum(left.values()) // cores), *left.values())
+    parts: list[list[Part]] = [[] for _ in range(cores)]
+    core, room = 0, length
+    for seed in seeds:
+        need = left[seed]
+        if need > room and room > 0 and core + 1 < cores:
+            head = done.get(seed, 0) + need - room
+            parts[core].append(Part(seed, after=head))
+            core += 1
+            parts[core].append(Part(seed, until=head))
+            room = length - (need - room)
+            continue
+        if need > room and core + 1 < cores:
+            core, room = core + 1, length
+        parts[core].append(Part(seed))
+        room -= need
+    return [p for p in parts if p]
 
 
 def processes_that_fit(config: Config, n_train: int, wanted: int, available: int | None) -> int:
@@ -92,42 +139,60 @@ def processes_that_fit(config: Config, n_train: int, wanted: int, available: int
     return max(1, min(wanted, int(training.MEMORY_SHARE * available // (each + shared))))
 
 
-def places(config: Config, seeds: Sequence[int], n_train: int) -> list[list[int]] | None:
+def places(config: Config, seeds: Sequence[int], n_train: int, done: dict[int, int] | None = None) -> list[list[Part]] | None:
     """``plan`` for this process, its backend and the cores it may use, on as many cores
-    as fit in memory (``processes_that_fit``); None to train the seeds in one program."""
+    as fit in memory (``processes_that_fit``); None to train the seeds in one program.
+    ``done``: the epochs each seed has completed (``completed_epochs``, for a resumed run)."""
     import jax
 
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") and cores.TASKS.is_dir() else set()  # Linux
     where = (jax.default_backend(), jax.process_count())
-    planned = plan(seeds, config, *where, allowed, jax.local_device_count())
+    planned = plan(seeds, config, *where, allowed, jax.local_device_count(), done)
     if planned is None:
         return None
     fit = processes_that_fit(config, n_train, len(planned), training.available_memory())
-    return plan(seeds, config, *where, set(sorted(allowed)[:fit]))
+    return plan(seeds, config, *where, set(sorted(allowed)[:fit]), done=done)
 
 
-def worker_command(core: int, seeds: list[int], config: Config, workdir: Path, resume: bool, report: Path) -> list[str]:
-    """The command line of the worker that trains ``seeds`` on ``core``."""
-    return [sys.executable, "-m", "lenet_jax.spread", "--core", str(core), "--seeds", ",".join(map(str, seeds)),
+def completed_epochs(root: Path, seeds: Sequence[int]) -> dict[int, int]:
+    """The epochs each seed's folder under ``root`` records as completed (its metrics
+    log's rows; none for a folder without one): what is left to share out on a resume."""
+    done = {}
+    for seed in seeds:
+        log = root / SEED_FOLDER.format(seed) / METRICS
+        done[seed] = len(log.read_text().splitlines()) if log.is_file() else 0
+    return done
+
+
+def worker_command(core: int, parts: list[Part], config: Config, workdir: Path, resume: bool, report: Path) -> list[str]:
+    """The command line of the worker that trains ``parts`` on ``core``; a part that
+    pauses says so with a file next to ``report`` (``paused_mark``)."""
+    return [sys.executable, "-m", "lenet_jax.spread", "--core", str(core), "--parts", json.dumps([dataclasses.astuple(p) for p in parts]),
             "--workdir", str(workdir), "--config", json.dumps(config.to_dict()), "--report", str(report),
             "--parent", str(os.getpid()), *(["--resume"] if resume else [])]
 
 
-def fit_spread(config: Config, places: list[list[int]], workdir: Path | RunFolder, resume: bool = False,
+def paused_mark(report: Path, seed: int) -> Path:
+    """The file whose presence says that ``seed``'s first part has paused, in the folder
+    of the workers' reports."""
+    return report.parent / f"paused-{seed}"
+
+
+def fit_spread(config: Config, places: list[list[Part]], workdir: Path | RunFolder, resume: bool = False,
                say: Callable[[str], None] = print, stop: Callable[[], bool] = lambda: False) -> list[SeedOutcome]:
-    """Train each core's seeds (``plan``) in a worker process of its own on that core,
-    into ``workdir/seed-S`` (``workdir`` held by the caller); the outcome of every seed
-    that started, in the order the seeds were planned from. ``stop`` is asked while they
-    run; when it says yes every worker is asked to stop (SIGTERM) and saves where it is;
-    a seed not yet started gets an empty folder, which ``--resume`` trains. Raises
-    ``Diverged`` or ``WorkerFailed`` when a worker fails, after the others have stopped
-    cleanly."""
+    """Train each core's parts of the seeds (``plan``) in a worker process of its own on
+    that core, into ``workdir/seed-S`` (``workdir`` held by the caller); the outcome of
+    every seed that started, in the order the seeds were planned from (the cores' parts
+    read in turn). ``stop`` is asked while they run; when it says yes every worker is
+    asked to stop (SIGTERM) and saves where it is; a seed not yet started gets an empty
+    folder, which ``--resume`` trains. Raises ``Diverged`` or ``WorkerFailed`` when a
+    worker fails, after the others have stopped cleanly."""
     root = workdir.path if isinstance(workdir, RunFolder) else Path(workdir)
-    order = [places[k % len(places)][k // len(places)] for k in range(sum(map(len, places)))]
+    order = list(dict.fromkeys(part.seed for parts in places for part in parts))
     check_layout(root, order, several=True, resume=resume)
     on = sorted(os.sched_getaffinity(0))[: len(places)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
-    say("seeds " + "; ".join(f"{','.join(map(str, s))} on core {c}" for c, s in zip(on, places))
+    say("seeds " + "; ".join(f"{','.join(map(str, parts))} on core {c}" for c, parts in zip(on, places))
         + ": a process per core, its seeds one after the other")
     with tempfile.TemporaryDirectory(prefix="lenet-jax-spread-") as reports:
         paths = [Path(reports) / f"core-{core}.json" for core in on]
@@ -141,14 +206,17 @@ def fit_spread(config: Config, places: list[list[int]], workdir: Path | RunFolde
                 if worker.poll() is None:
                     worker.send_signal(signal.SIGTERM)
                     worker.wait()
-        outcomes = {o["seed"]: SeedOutcome(**o) for path in paths if path.is_file() for o in json.loads(path.read_text())}
+        outcomes: dict[int, SeedOutcome] = {}
+        for o in (SeedOutcome(**o) for path in paths if path.is_file() for o in json.loads(path.read_text())):
+            if o.seed not in outcomes or len(o.history) > len(outcomes[o.seed].history) or o.finished:
+                outcomes[o.seed] = o  # a seed in two parts: the later one, which read the first one's history
     if len(outcomes) < len(order) and holds_checkpoints(root):
         for seed in order:  # an empty folder each: --resume trains them
             with contextlib.suppress(OSError):
                 (root / SEED_FOLDER.format(seed)).mkdir(exist_ok=True)
-    failed = [(seeds, code) for seeds, code in zip(places, codes) if code != 0]
+    failed = [(parts, code) for parts, code in zip(places, codes) if code != 0]
     if failed:
-        named = "; ".join(f"seed(s) {','.join(map(str, s))}: exit code {code}" for s, code in failed)
+        named = "; ".join(f"seed(s) {','.join(str(p.seed) for p in parts)}: exit code {code}" for parts, code in failed)
         error = Diverged if any(code == 1 for _, code in failed) else WorkerFailed
         raise error(f"{named} (its error is above); every other seed still training stopped with a checkpoint")
     return [outcomes[s] for s in order if s in outcomes]
@@ -190,7 +258,7 @@ def settle_on(core: int) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lenet_jax.spread", description="One core's worker of train.py --seeds (internal).")
     parser.add_argument("--core", type=int, required=True)
-    parser.add_argument("--seeds", required=True)
+    parser.add_argument("--parts", required=True, help="the worker's parts of the seeds, as JSON [[seed, until, after], ...]")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--config", required=True, help="the run's config as JSON")
     parser.add_argument("--report", type=Path, required=True, help="where the outcome of each seed goes, as JSON")
@@ -201,28 +269,35 @@ def _parser() -> argparse.ArgumentParser:
 
 @command
 def work(args: argparse.Namespace) -> int:
-    """Train the worker's seeds one after the other on its core; each seed's outcome is
+    """Train the worker's parts of the seeds one after the other on its core, a part
+    that continues a seed once the part before it has paused; each part's outcome is
     written to ``--report`` as it ends. A stop request saves the seed in training and
     starts no other."""
     from lenet_jax.data import load_dataset
     from lenet_jax.preemption import StopRequest
     from lenet_jax.training import fit
 
-    with StopRequest(say=_prefixed(f"seeds {args.seeds}: ", sys.stderr)) as stop:
+    parts = [Part(*p) for p in json.loads(args.parts)]
+    with StopRequest(say=_prefixed(f"seeds {','.join(str(p.seed) for p in parts)}: ", sys.stderr)) as stop:
         die_with_parent(args.parent)
         settle_on(args.core)
         config = Config.from_dict(json.loads(args.config)).validate()
         dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=lambda message: None)
         outcomes: list[dict[str, Any]] = []
         with stop.asking():
-            for seed in map(int, args.seeds.split(",")):
+            for part in parts:
+                if part.after is not None:
+                    while not (stop() or paused_mark(args.report, part.seed).exists()):
+                        time.sleep(POLL_SECONDS)
                 if stop():
                     break
-                say = _prefixed(f"seed {seed}: ")
-                result = fit(config.replace(seed=seed), dataset, args.workdir / f"seed-{seed}", resume=args.resume, log=say,
-                             progress=False, stop=stop)
-                outcomes.append({"seed": seed, "history": result.history, "finished": result.finished, "cores": cores.threads_cores()})
+                say = _prefixed(f"seed {part.seed}: ")
+                result = fit(config.replace(seed=part.seed), dataset, args.workdir / SEED_FOLDER.format(part.seed),
+                             resume=args.resume or part.after is not None, log=say, progress=False, stop=stop, pause_after=part.until)
+                outcomes.append({"seed": part.seed, "history": result.history, "finished": result.finished, "cores": cores.threads_cores()})
                 args.report.write_text(json.dumps(outcomes))
+                if part.until is not None and not stop():  # paused (or, resumed past its end, finished)
+                    paused_mark(args.report, part.seed).touch()
     return 0
 
 

@@ -102,6 +102,8 @@ class Controls:
     say: Callable[[str], None]
     progress: bool
     stop: Callable[[], bool]
+    pause_after: int | None = None
+    """Save and return once this epoch is complete (another process trains the rest)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def fit(
     progress: bool = True,
     stop: Callable[[], bool] = lambda: False,
     alongside: bool = False,
+    pause_after: int | None = None,
 ) -> RunResult:
     """Train ``config`` on ``dataset``: checkpoints, the metrics log and the config go to
     ``workdir`` (written by process 0 when there are several; a ``RunFolder`` the caller
@@ -152,8 +155,12 @@ def fit(
     is (mid-epoch included) and returns, and ``resume=True`` later continues it with
     bit-identical results. ``alongside``: evaluate each epoch in a helper process while
     the next one trains (``lenet_jax.alongside``; for a process whose XLA pool has one
-    thread, as ``train.py`` starts it at batch 1 on the CPU: the helper's is the same)."""
-    return _fit(config, [config.seed], dataset, workdir, resume, log, progress, stop, several=False, alongside=alongside)[0]
+    thread, as ``train.py`` starts it at batch 1 on the CPU: the helper's is the same).
+    ``pause_after``: return, unfinished, once that epoch is saved (at once if the run
+    stands there or beyond already), for another process to resume the rest
+    (``lenet_jax.spread``)."""
+    return _fit(config, [config.seed], dataset, workdir, resume, log, progress, stop, several=False, alongside=alongside,
+                pause_after=pause_after)[0]
 
 
 # --------------------------------------------------------------------------- the memory of several seeds
@@ -332,7 +339,7 @@ def build(config: Config, seeds: list[int], updates_per_epoch: int, one_device: 
 
 def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str | RunFolder, resume: bool,
          log: Callable[[str], None], progress: bool, stop: Callable[[], bool], several: bool,
-         layout: list[int] | None = None, alongside: bool = False) -> list[RunResult]:
+         layout: list[int] | None = None, alongside: bool = False, pause_after: int | None = None) -> list[RunResult]:
     """Build, open, loop (``layout``: all of the run's seeds, when they train in groups)."""
     config = config.validate()
     positions = [training_positions(config.replace(seed=s), len(dataset.train_labels)) for s in seeds]
@@ -341,7 +348,7 @@ def _fit(config: Config, seeds: list[int], dataset: Dataset, workdir: Path | str
     say = log if is_primary() else (lambda message: None)
     with runs.open(workdir, built.configs, built.states, updates, resume, several, dataset.source, say, layout) as (opened, starts):
         experiment, seed_runs = _place(built, dataset, positions, opened, updates)
-        return _train(experiment, seed_runs, starts, Controls(say, progress and is_primary(), stop), alongside)
+        return _train(experiment, seed_runs, starts, Controls(say, progress and is_primary(), stop, pause_after), alongside)
 
 
 def _place(built: Built, dataset: Dataset, positions: list[tuple[int, np.ndarray | None, np.ndarray | None]], opened: list[Run],
@@ -369,6 +376,15 @@ def _place(built: Built, dataset: Dataset, positions: list[tuple[int, np.ndarray
 # --------------------------------------------------------------------------- the loop
 
 
+def _pauses(ctl: Controls, position: Position, epochs: int) -> bool:
+    """Whether the run pauses here: a complete epoch at or past ``ctl.pause_after``,
+    before its last one."""
+    return ctl.pause_after is not None and position.complete and ctl.pause_after <= position.epoch < epochs
+
+
+PAUSED = "paused after epoch {}: the rest of this seed trains in another process"
+
+
 def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: Controls, alongside: bool = False) -> list[RunResult]:
     """The epochs from where the seeds stand to the last, each saved when it completes;
     a stop request saves every seed where it is and returns. With ``alongside`` (one
@@ -389,6 +405,9 @@ def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: 
     if starts[0].pending:
         if _end_epoch(exp, ctl, seed_runs, state, histories, start, [st.totals for st in starts], saved=True):
             return results(start)
+    if _pauses(ctl, start, config.epochs):
+        ctl.say(PAUSED.format(start.epoch))
+        return results(start)
     first = start.epoch + 1 if start.complete else start.epoch
     spare = _spare_cores(config) if alongside and len(seed_runs) == 1 and first < config.epochs else set()
     wanted = bool(spare) and exp.updates_per_epoch >= ALONGSIDE_MIN_UPDATES and exp.chunk_len < exp.updates_per_epoch
@@ -438,6 +457,10 @@ def _train(exp: Experiment, seed_runs: list[SeedRun], starts: list[Start], ctl: 
             if epoch < config.epochs and ctl.stop():
                 settle(wait=True)
                 ctl.say(f"stopped after epoch {epoch}; {_where(seed_runs)}")
+                return results(position)
+            if _pauses(ctl, position, config.epochs):
+                settle(wait=True)
+                ctl.say(PAUSED.format(epoch))
                 return results(position)
         return results(position)
     finally:

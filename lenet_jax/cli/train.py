@@ -57,8 +57,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
             parser.add_argument(flag(f.name), *earlier, type=kind, default=default, help=help)
     parser.add_argument("--seeds", type=seed_list, metavar="S,S,...",
                         help="train one model per seed (instead of --seed), each into WORKDIR/seed-S; ends with the test error of "
-                        "each and their mean and spread. On a CPU with several cores at batch 1, each core trains its share of the "
-                        "seeds in a process of its own, one seed after the other, each exactly as its own --seed run; otherwise "
+                        "each and their mean and spread. On a CPU with several cores at batch 1, each core trains an even share of the "
+                        "epochs in a process of its own, one seed after the other (a seed that does not fit on one core trains "
+                        "its first epochs on the next and is resumed on its own), each exactly as its own --seed run; otherwise "
                         "all seeds train in one compiled program. Seeds whose memory, estimated before anything "
                         "runs, exceeds what the device has free train in groups that fit, one group after the other (each group "
                         "computes what it would alone); refused when not even one seed fits")
@@ -198,7 +199,8 @@ def train(config: Config, workdir: Path | None, resume: bool = False, progress: 
                 say("threads: one XLA thread on the CPU, the fastest at batch 1 (lenet_jax.cores)")
             if not resume:  # a resumed run goes on with its saved options
                 config = curvature_sample_used(config, len(dataset.train_labels), say)
-            places = spread.places(config, seeds, len(dataset.train_labels)) if seeds and not one_program else None
+            done = spread.completed_epochs(folder.path, seeds) if resume and seeds else None
+            places = spread.places(config, seeds, len(dataset.train_labels), done) if seeds and not one_program else None
             with stop.asking():
                 if places:
                     results = spread.fit_spread(config, places, folder, resume, say, stop)
