@@ -159,23 +159,53 @@ def completed_epochs(root: Path, seeds: Sequence[int]) -> dict[int, int]:
     log's rows; none for a folder without one): what is left to share out on a resume."""
     done = {}
     for seed in seeds:
-        log = root / SEED_FOLDER.format(seed) / METRICS
-        done[seed] = len(log.read_text().splitlines()) if log.is_file() else 0
+        try:
+            rows = (root / SEED_FOLDER.format(seed) / METRICS).read_text().splitlines()
+        except (OSError, UnicodeDecodeError):  # none, or unreadable: the checkpoints say where the seed stands
+            rows = []
+        done[seed] = sum(1 for row in rows if _is_row(row))
     return done
 
 
+def _is_row(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def worker_command(core: int, parts: list[Part], config: Config, workdir: Path, resume: bool, report: Path) -> list[str]:
-    """The command line of the worker that trains ``parts`` on ``core``; a part that
-    pauses says so with a file next to ``report`` (``paused_mark``)."""
+    """The command line of the worker that trains ``parts`` on ``core``; how each first
+    part of a seed ended goes to a file next to ``report`` (``ended_mark``)."""
     return [sys.executable, "-m", "lenet_jax.spread", "--core", str(core), "--parts", json.dumps([dataclasses.astuple(p) for p in parts]),
             "--workdir", str(workdir), "--config", json.dumps(config.to_dict()), "--report", str(report),
             "--parent", str(os.getpid()), *(["--resume"] if resume else [])]
 
 
-def paused_mark(report: Path, seed: int) -> Path:
-    """The file whose presence says that ``seed``'s first part has paused, in the folder
-    of the workers' reports."""
-    return report.parent / f"paused-{seed}"
+PAUSED, STOPPED = "paused", "stopped"
+
+
+def ended_mark(report: Path, seed: int) -> Path:
+    """The file that says how ``seed``'s first part ended (``PAUSED``: the rest may
+    start; ``STOPPED``: it will not pause, the seed's training stops here), in the
+    folder of the workers' reports."""
+    return report.parent / f"first-part-{seed}"
+
+
+def _mark(report: Path, seed: int, how: str) -> None:
+    path = ended_mark(report, seed)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(how)
+    os.replace(partial, path)  # the waiting worker reads it whole or not at all
+
+
+def _first_part_ended(report: Path, seed: int, stop: Callable[[], bool]) -> bool:
+    """Wait until ``seed``'s first part has ended; whether it paused (not stopped, and
+    no stop request here meanwhile)."""
+    mark = ended_mark(report, seed)
+    while not (stop() or mark.exists()):
+        time.sleep(POLL_SECONDS)
+    return not stop() and mark.read_text() == PAUSED
 
 
 def fit_spread(config: Config, places: list[list[Part]], workdir: Path | RunFolder, resume: bool = False,
@@ -272,7 +302,8 @@ def work(args: argparse.Namespace) -> int:
     """Train the worker's parts of the seeds one after the other on its core, a part
     that continues a seed once the part before it has paused; each part's outcome is
     written to ``--report`` as it ends. A stop request saves the seed in training and
-    starts no other."""
+    starts no other. Every first part of a seed is marked as paused or stopped when the
+    worker ends, however it ends, so that no other worker waits for it for ever."""
     from lenet_jax.data import load_dataset
     from lenet_jax.preemption import StopRequest
     from lenet_jax.training import fit
@@ -284,20 +315,25 @@ def work(args: argparse.Namespace) -> int:
         config = Config.from_dict(json.loads(args.config)).validate()
         dataset = load_dataset(config.dataset, config.data_source, config.data_dir, config.cache_dir, log=lambda message: None)
         outcomes: list[dict[str, Any]] = []
-        with stop.asking():
+        paused: set[int] = set()
+        try:
+            with stop.asking():
+                for part in parts:
+                    if part.after is not None and not _first_part_ended(args.report, part.seed, stop) or stop():
+                        break
+                    say = _prefixed(f"seed {part.seed}: ")
+                    result = fit(config.replace(seed=part.seed), dataset, args.workdir / SEED_FOLDER.format(part.seed),
+                                 resume=args.resume or part.after is not None, log=say, progress=False, stop=stop, pause_after=part.until)
+                    outcomes.append({"seed": part.seed, "history": result.history, "finished": result.finished,
+                                     "cores": cores.threads_cores()})
+                    args.report.write_text(json.dumps(outcomes))
+                    if part.until is not None and not stop():  # paused (or, resumed past its end, finished)
+                        paused.add(part.seed)
+                        _mark(args.report, part.seed, PAUSED)
+        finally:
             for part in parts:
-                if part.after is not None:
-                    while not (stop() or paused_mark(args.report, part.seed).exists()):
-                        time.sleep(POLL_SECONDS)
-                if stop():
-                    break
-                say = _prefixed(f"seed {part.seed}: ")
-                result = fit(config.replace(seed=part.seed), dataset, args.workdir / SEED_FOLDER.format(part.seed),
-                             resume=args.resume or part.after is not None, log=say, progress=False, stop=stop, pause_after=part.until)
-                outcomes.append({"seed": part.seed, "history": result.history, "finished": result.finished, "cores": cores.threads_cores()})
-                args.report.write_text(json.dumps(outcomes))
-                if part.until is not None and not stop():  # paused (or, resumed past its end, finished)
-                    paused_mark(args.report, part.seed).touch()
+                if part.until is not None and part.seed not in paused:
+                    _mark(args.report, part.seed, STOPPED)
     return 0
 
 

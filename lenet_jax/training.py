@@ -156,9 +156,9 @@ def fit(
     bit-identical results. ``alongside``: evaluate each epoch in a helper process while
     the next one trains (``lenet_jax.alongside``; for a process whose XLA pool has one
     thread, as ``train.py`` starts it at batch 1 on the CPU: the helper's is the same).
-    ``pause_after``: return, unfinished, once that epoch is saved (at once if the run
-    stands there or beyond already), for another process to resume the rest
-    (``lenet_jax.spread``)."""
+    ``pause_after``: return, unfinished, once an epoch at or past that one is complete
+    and saved (at once when the run already stands at the end of one), for another
+    process to resume the rest (``lenet_jax.spread``)."""
     return _fit(config, [config.seed], dataset, workdir, resume, log, progress, stop, several=False, alongside=alongside,
                 pause_after=pause_after)[0]
 

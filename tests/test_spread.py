@@ -4,6 +4,7 @@ trained on its own core exactly as its own run, across a stop and a resume."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -139,6 +140,62 @@ def test_a_stop_request_reaches_every_worker(monkeypatch, tmp_path):
     standing_in(monkeypatch, tmp_path / "ready", {0: None, 1: None})
     both_running = lambda: len(list((tmp_path / "ready").iterdir())) == 2  # noqa: E731
     assert spread.fit_spread(PAPER, [[P(0), P(2)], [P(1)]], tmp_path / "run", say=lambda m: None, stop=both_running) == []
+
+
+def test_completed_epochs_counts_the_rows_of_each_seeds_metrics_log(tmp_path):
+    (tmp_path / "seed-0").mkdir()
+    (tmp_path / "seed-0" / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')  # a row cut short
+    (tmp_path / "seed-1").mkdir()
+    (tmp_path / "seed-1" / "metrics.jsonl").write_bytes(b"\xff\xfe")  # not text: counted as none
+    assert spread.completed_epochs(tmp_path, [0, 1, 2]) == {0: 2, 1: 0, 2: 0}
+
+
+class Finished:
+    def __init__(self, seed: int, finished: bool) -> None:
+        self.history, self.finished = [{"epoch": 1}], finished
+
+
+def working(monkeypatch, tmp_path: Path, parts: list, on_fit=lambda seed: None) -> tuple[list[tuple[int, int | None]], Path]:
+    """``spread.work`` in this process, its core, data and training stood in for: the
+    (seed, pause_after) of each ``fit`` it calls, and its report's path."""
+    import lenet_jax.data
+
+    calls: list[tuple[int, int | None]] = []
+
+    def fake_fit(config, dataset, workdir, resume, log, progress, stop, pause_after):
+        calls.append((config.seed, pause_after))
+        on_fit(config.seed)
+        return Finished(config.seed, pause_after is None)
+
+    monkeypatch.setattr(spread, "die_with_parent", lambda parent: None)
+    monkeypatch.setattr(spread, "settle_on", lambda core: None)
+    monkeypatch.setattr(lenet_jax.data, "load_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(training, "fit", fake_fit)
+    tmp_path.mkdir(exist_ok=True)
+    report = tmp_path / "core-0.json"
+    args = spread._parser().parse_args(["--core", "0", "--parts", json.dumps([[p.seed, p.until, p.after] for p in parts]),
+                                        "--workdir", str(tmp_path / "run"), "--config", "{}", "--report", str(report), "--parent", "1"])
+    assert spread.work(args) == 0
+    return calls, report
+
+
+def test_a_worker_marks_how_each_first_part_ended_and_waits_only_for_one_that_paused(monkeypatch, tmp_path):
+    calls, report = working(monkeypatch, tmp_path, [P(1, until=10), P(2)])
+    assert calls == [(1, 10), (2, None)] and spread.ended_mark(report, 1).read_text() == spread.PAUSED
+    spread.ended_mark(report, 3).write_text(spread.STOPPED)  # seed 3's first part, elsewhere, was stopped
+    calls, _ = working(monkeypatch, tmp_path, [P(0), P(1, after=10), P(3, after=5)])
+    assert calls == [(0, None), (1, None)]  # seed 1's first part paused: its rest trains; seed 3's never will
+
+
+def test_a_stopped_worker_marks_its_first_parts_stopped_so_no_other_waits_for_ever(monkeypatch, tmp_path):
+    import signal
+
+    stop_at = lambda seed: os.kill(os.getpid(), signal.SIGTERM) if seed == 0 else None  # noqa: E731
+    calls, report = working(monkeypatch, tmp_path / "a", [P(0), P(4, until=3), P(5, after=2)], on_fit=stop_at)
+    assert calls == [(0, None)]  # stopped in seed 0: seed 4's first part never ran, and is marked so
+    assert spread.ended_mark(report, 4).read_text() == spread.STOPPED
+    calls, report = working(monkeypatch, tmp_path / "b", [P(4, until=3)], on_fit=lambda seed: os.kill(os.getpid(), signal.SIGTERM))
+    assert calls == [(4, 3)] and spread.ended_mark(report, 4).read_text() == spread.STOPPED  # stopped while in it
 
 
 # --------------------------------------------------------------------------- real workers
