@@ -44,7 +44,7 @@ from lenet_jax import cores, training
 from lenet_jax.checkpoint import METRICS, SEED_FOLDER, holds_checkpoints
 from lenet_jax.config import Config
 from lenet_jax.errors import Diverged, UserError, command
-from lenet_jax.fileio import RunFolder
+from lenet_jax.fileio import RunFolder, atomic_write_text
 from lenet_jax.runs import check_layout
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -192,13 +192,6 @@ def ended_mark(report: Path, seed: int) -> Path:
     return report.parent / f"first-part-{seed}"
 
 
-def _mark(report: Path, seed: int, how: str) -> None:
-    path = ended_mark(report, seed)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(how)
-    os.replace(partial, path)  # the waiting worker reads it whole or not at all
-
-
 def _first_part_ended(report: Path, seed: int, stop: Callable[[], bool]) -> bool:
     """Wait until ``seed``'s first part has ended; whether it paused (not stopped, and
     no stop request here meanwhile)."""
@@ -329,11 +322,11 @@ def work(args: argparse.Namespace) -> int:
                     args.report.write_text(json.dumps(outcomes))
                     if part.until is not None and not stop():  # paused (or, resumed past its end, finished)
                         paused.add(part.seed)
-                        _mark(args.report, part.seed, PAUSED)
+                        atomic_write_text(ended_mark(args.report, part.seed), PAUSED)  # read whole or not at all
         finally:
             for part in parts:
                 if part.until is not None and part.seed not in paused:
-                    _mark(args.report, part.seed, STOPPED)
+                    atomic_write_text(ended_mark(args.report, part.seed), STOPPED)
     return 0
 
 

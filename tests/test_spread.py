@@ -151,7 +151,7 @@ def test_completed_epochs_counts_the_rows_of_each_seeds_metrics_log(tmp_path):
 
 
 class Finished:
-    def __init__(self, seed: int, finished: bool) -> None:
+    def __init__(self, finished: bool) -> None:
         self.history, self.finished = [{"epoch": 1}], finished
 
 
@@ -165,7 +165,7 @@ def working(monkeypatch, tmp_path: Path, parts: list, on_fit=lambda seed: None) 
     def fake_fit(config, dataset, workdir, resume, log, progress, stop, pause_after):
         calls.append((config.seed, pause_after))
         on_fit(config.seed)
-        return Finished(config.seed, pause_after is None)
+        return Finished(pause_after is None)
 
     monkeypatch.setattr(spread, "die_with_parent", lambda parent: None)
     monkeypatch.setattr(spread, "settle_on", lambda core: None)
