@@ -4,10 +4,10 @@
                 pass on the CPU (inference) and the default on GPUs and TPUs.
 ``patches``     the k*k shifted windows concatenated along channels, then one matrix
                 product; JAX differentiates it in both modes (``jax.jvp`` included).
-``custom_vjp``  the windows taken by one gather with a constant index table, and a
-                hand-written backward pass of matrix products: the fastest for training
-                on the CPU at every batch size (docs/speed.md). JAX cannot
-                forward-differentiate it.
+``custom_vjp``  the windows taken by one gather with a constant index table (for one
+                image, by row: ``windows_by_row``), and a hand-written backward pass
+                of matrix products: the fastest for training on the CPU at every
+                batch size (docs/speed.md). JAX cannot forward-differentiate it.
 
 Every product runs at the given precision policy (``lenet_jax.precision``).
 """
@@ -69,13 +69,53 @@ def _lax_conv(x: jax.Array, kernel: jax.Array, policy: str) -> jax.Array:
     return y.reshape(lead + y.shape[1:])
 
 
+def windows_by_row(x: jax.Array, k: int) -> jax.Array:
+    """The k x k windows of (..., H, W, C) maps as one (k*k*C, N) matrix: a row per
+    kernel entry (HWIO row order), a column per output position of every image (N =
+    images * (H-k+1) * (W-k+1)), the transpose of ``patches``. For one map (C1's input)
+    the k*k shifted slices, each copied in runs of whole rows; for several, one gather by
+    a constant index table."""
+    h, w, c = x.shape[-3:]
+    ho, wo = h - k + 1, w - k + 1
+    if c == 1:
+        return jnp.stack([x[..., i : i + ho, j : j + wo, 0] for i in range(k) for j in range(k)]).reshape(k * k, -1)
+    r = np.arange
+    rows = r(ho)[:, None, None, None] + r(k)[:, None]  # (ho, 1, k, 1)
+    cols = r(wo)[:, None, None] + r(k)  # (wo, k, k) broadcast against rows
+    index = ((rows * w + cols)[..., None] * c + r(c)).reshape(ho * wo, k * k * c).T
+    taken = x.reshape(x.shape[:-3] + (h * w * c,))[..., index]  # (..., k*k*C, positions)
+    return jnp.moveaxis(taken, -2, 0).reshape(k * k * c, -1)
+
+
+def _by_row(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether the custom_vjp convolution of ``x`` takes its windows by row: for one image
+    (the paper's batch 1, where it is the faster layout on the CPU; at batch 256 it is the
+    slower, docs/speed.md), unless the window is the whole input (C5)."""
+    return int(np.prod(x.shape[:-3], dtype=np.int64)) == 1 and x.shape[-3:-1] != kernel.shape[:2]
+
+
+def _by_row_conv(x: jax.Array, kernel: jax.Array, policy: str) -> jax.Array:
+    """The convolution as (F, k*k*C) kernel rows times the (k*k*C, N) windows: a product
+    with the positions as its long, vectorised side. The barriers keep XLA from folding
+    the two transposes into the product, which it would then run as a generic (slower)
+    product in another layout."""
+    k, _, c, f = kernel.shape
+    kernel_t = jax.lax.optimization_barrier(kernel.reshape(k * k * c, f).T)
+    y_t = jax.lax.optimization_barrier(prec.matmul(kernel_t, windows_by_row(x, k), policy))  # (F, N)
+    return y_t.T.reshape(x.shape[:-3] + (x.shape[-3] - k + 1, x.shape[-2] - k + 1, f))
+
+
+def _windows_conv(x: jax.Array, kernel: jax.Array, policy: str) -> jax.Array:
+    return _by_row_conv(x, kernel, policy) if _by_row(x, kernel) else _patch_conv(x, kernel, policy, gather=True)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _custom_vjp_conv(x: jax.Array, kernel: jax.Array, policy: str) -> jax.Array:
-    return _patch_conv(x, kernel, policy, gather=True)
+    return _windows_conv(x, kernel, policy)
 
 
 def _custom_vjp_forward(x: jax.Array, kernel: jax.Array, policy: str) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _patch_conv(x, kernel, policy, gather=True), (x, kernel)
+    return _windows_conv(x, kernel, policy), (x, kernel)
 
 
 def _custom_vjp_backward(policy: str, residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,8 +126,10 @@ def _custom_vjp_backward(policy: str, residuals: tuple[jax.Array, jax.Array], dy
     unused, and XLA drops it."""
     x, kernel = residuals
     k, _, c, f = kernel.shape
-    cols = patches(x, k, gather=True)
-    dkernel = prec.matmul(cols.reshape(-1, k * k * c).T, dy.reshape(-1, f), policy).reshape(kernel.shape)
+    if _by_row(x, kernel):
+        dkernel = prec.matmul(windows_by_row(x, k), dy.reshape(-1, f), policy).reshape(kernel.shape)
+    else:
+        dkernel = prec.matmul(patches(x, k, gather=True).reshape(-1, k * k * c).T, dy.reshape(-1, f), policy).reshape(kernel.shape)
     dcols = prec.matmul(dy, kernel.reshape(k * k * c, f).T, policy)
     dx = dcols.reshape(x.shape) if dy.shape[-3:-1] == (1, 1) else overlap_add(dcols, k, c)
     return dx, dkernel

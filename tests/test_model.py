@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lenet_jax.bitmaps import DIGIT_BITMAPS, RBF_CENTRES, ascii_art, hamming_distances
-from lenet_jax.conv import overlap_add, patches, valid_conv
+from lenet_jax.conv import overlap_add, patches, valid_conv, windows_by_row
 from lenet_jax.layers import (
     AMPLITUDE,
     C3_TABLE,
@@ -151,8 +151,11 @@ def test_init_exponent_one_half_scales_by_square_root_of_fan_in():
 
 
 @pytest.mark.parametrize("impl", ["patches", "custom_vjp"])
-@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (1, 5, 5, 16), *(pytest.param(s, marks=pytest.mark.slow) for s in ((3, 14, 14, 6), (2, 3, 14, 14, 6)))])
+@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (1, 5, 5, 16), (1, 32, 32, 1), (14, 14, 6), (1, 1, 11, 9, 4),
+                                   *(pytest.param(s, marks=pytest.mark.slow) for s in ((3, 14, 14, 6), (2, 3, 14, 14, 6)))])
 def test_every_convolution_path_equals_lax_conv_with_gradients(impl, shape):
+    """One image (C1's and C3's inputs at batch 1, a non-square one) takes custom_vjp's
+    windows by row; several images, and C5's single window, the window matrix."""
     x = jax.random.normal(jax.random.key(0), shape)
     kernel = jax.random.normal(jax.random.key(1), (5, 5, shape[-1], 7))
 
@@ -165,6 +168,12 @@ def test_every_convolution_path_equals_lax_conv_with_gradients(impl, shape):
     g_xla = jax.jit(jax.grad(f("xla"), argnums=(0, 1)))(x, kernel)
     for got, want in zip(grads, g_xla):  # sums of many mixed-sign terms: float error scales with the largest entry
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("shape,k", [((1, 32, 32, 1), 5), ((14, 14, 6), 5), ((2, 9, 7, 4), 3), ((2, 3, 11, 9, 1), 3)])
+def test_windows_by_row_are_the_window_matrix_transposed(shape, k):
+    x = jax.random.normal(jax.random.key(0), shape)
+    np.testing.assert_array_equal(windows_by_row(x, k), patches(x, k).reshape(-1, k * k * shape[-1]).T)
 
 
 @pytest.mark.parametrize("shape,k", [((2, 32, 32, 1), 5), *(pytest.param(s, k, marks=pytest.mark.slow) for s, k in (((3, 14, 14, 6), 5), ((2, 3, 9, 7, 4), 3)))])
@@ -183,9 +192,9 @@ def test_an_unknown_convolution_path_is_refused():
         valid_conv(jnp.zeros((1, 6, 6, 1)), jnp.zeros((5, 5, 1, 2)), "fft")
 
 
-@pytest.mark.parametrize("impl", [pytest.param("patches", marks=pytest.mark.slow), "custom_vjp"])
-def test_every_convolution_path_gives_the_same_network_and_gradients(impl, digits):
-    x, y = digits
+@pytest.mark.parametrize("impl,images", [pytest.param("patches", None, marks=pytest.mark.slow), ("custom_vjp", None), ("custom_vjp", 1)])
+def test_every_convolution_path_gives_the_same_network_and_gradients(impl, images, digits):
+    x, y = (a[:images] for a in digits)
     a, b = LeNet5(conv_impl=impl), LeNet5(conv_impl="xla")
     params = compiled_init(a, jax.random.key(3))
     chex.assert_trees_all_close(jax.jit(a.apply)({"params": params}, x), jax.jit(b.apply)({"params": params}, x), rtol=1e-4, atol=1e-4)
