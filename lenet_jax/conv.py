@@ -27,6 +27,15 @@ FORWARD_DIFFERENTIABLE = ("xla", "patches")
 """The implementations ``jax.jvp`` can differentiate."""
 
 
+def _window_index(h: int, w: int, c: int, k: int) -> np.ndarray:
+    """Where each entry of each k x k window sits in flattened (H, W, C) maps:
+    (H-k+1, W-k+1, k, k, C), the windows in HWIO-kernel row order."""
+    r = np.arange
+    rows = r(h - k + 1)[:, None, None, None] + r(k)[:, None]  # (ho, 1, k, 1)
+    cols = r(w - k + 1)[:, None, None] + r(k)  # (wo, k, k) broadcast against rows
+    return (rows * w + cols)[..., None] * c + r(c)
+
+
 def patches(x: jax.Array, k: int, gather: bool = False) -> jax.Array:
     """The k x k windows of (..., H, W, C) maps, flattened in HWIO-kernel row order:
     (..., H-k+1, W-k+1, k*k*C). By default the k*k shifted slices concatenated, whose
@@ -38,11 +47,7 @@ def patches(x: jax.Array, k: int, gather: bool = False) -> jax.Array:
     if ho == 1 and wo == 1:  # C5: the whole input is one window
         return x.reshape(x.shape[:-3] + (1, 1, k * k * c))
     if gather:
-        r = np.arange
-        rows = r(ho)[:, None, None, None] + r(k)[:, None]  # (ho, 1, k, 1)
-        cols = r(wo)[:, None, None] + r(k)  # (wo, k, k) broadcast against rows
-        index = (rows * w + cols)[..., None] * c + r(c)  # (ho, wo, k, k, c)
-        return x.reshape(x.shape[:-3] + (h * w * c,))[..., index.reshape(ho, wo, k * k * c)]
+        return x.reshape(x.shape[:-3] + (h * w * c,))[..., _window_index(h, w, c, k).reshape(ho, wo, k * k * c)]
     return jnp.concatenate([x[..., i : i + ho, j : j + wo, :] for i in range(k) for j in range(k)], axis=-1)
 
 
@@ -79,10 +84,7 @@ def windows_by_row(x: jax.Array, k: int) -> jax.Array:
     ho, wo = h - k + 1, w - k + 1
     if c == 1:
         return jnp.stack([x[..., i : i + ho, j : j + wo, 0] for i in range(k) for j in range(k)]).reshape(k * k, -1)
-    r = np.arange
-    rows = r(ho)[:, None, None, None] + r(k)[:, None]  # (ho, 1, k, 1)
-    cols = r(wo)[:, None, None] + r(k)  # (wo, k, k) broadcast against rows
-    index = ((rows * w + cols)[..., None] * c + r(c)).reshape(ho * wo, k * k * c).T
+    index = _window_index(h, w, c, k).reshape(ho * wo, k * k * c).T
     taken = x.reshape(x.shape[:-3] + (h * w * c,))[..., index]  # (..., k*k*C, positions)
     return jnp.moveaxis(taken, -2, 0).reshape(k * k * c, -1)
 
